@@ -1,0 +1,231 @@
+"""Export a VAN checkpoint to ONNX for deployment (the ModelZoo path: ONNX opset 11, then Ascend ATC).
+
+    python tools/export_onnx.py output/my-run/model_best.pth.tar            # -> output/my-run/model_best.onnx
+    python tools/export_onnx.py van_tiny_754.pth.tar --model van_b0 --out van_b0.onnx --fold-bn
+
+The graph has one input `image` (N, 3, H, W), float32, normalised as in training, and one output
+`class` (N, num_classes) of logits; the batch dimension N is dynamic, H and W are fixed at export
+(`--img-size`, default the size the run trained at, else 224). The checkpoint may be any file the
+models package reads; the variant comes from the file (`arch`, `args['model']`, or the weights'
+shapes) unless `--model` is given.
+
+After writing, the file is run with onnxruntime at two batch sizes and compared with PyTorch; the
+export fails (exit status 1) when the largest absolute difference exceeds `--atol` (1e-4).
+
+`--fold-bn` folds BatchNorm layers into neighbouring convolutions where that is exact in eval mode:
+- each patch embedding's BatchNorm into the convolution before it;
+- each block's `norm2` into the MLP's first 1x1 convolution `fc1`, its only consumer.
+Each block's `norm1` stays: its output feeds `attn.proj_1` and also the attention's own shortcut
+(`attn(u) = proj_2(...proj_1(u)) + u`), so folding it into `proj_1` would change the shortcut.
+"""
+import argparse
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from models.van import Block, OverlapPatchEmbed  # noqa: E402
+from models.weights import UnsafeFileError  # noqa: E402
+from utils.inference import load_model  # noqa: E402
+
+INPUT_NAME, OUTPUT_NAME = 'image', 'class'
+DEFAULT_IMG_SIZE = 224
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm folding
+# ---------------------------------------------------------------------------------------------
+def _bn_scale_shift(bn: nn.BatchNorm2d):
+    """Eval-mode BatchNorm as y = scale * x + shift (per channel), in float64 to keep the fold exact."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError('BatchNorm without running statistics normalises with batch statistics; cannot fold')
+    scale = bn.running_var.double().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+def _conv_bias(conv: nn.Conv2d) -> torch.Tensor:
+    if conv.bias is None:
+        return torch.zeros(conv.out_channels, dtype=torch.float64, device=conv.weight.device)
+    return conv.bias.double()
+
+
+def _set_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    conv.weight.data = weight.to(conv.weight.dtype)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+    else:
+        conv.bias.data = bias.to(conv.bias.dtype)
+
+
+def fold_bn_after_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """bn(conv(x)) == conv'(x): scale each output channel's filter and bias."""
+    scale, shift = _bn_scale_shift(bn)
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    _set_conv(conv, weight, _conv_bias(conv) * scale + shift)
+
+
+def fold_bn_before_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
+    """conv(bn(x)) == conv'(x) for a dense convolution without padding.
+
+    Padding would be wrong: the original conv pads bn(x) with zeros, the folded one pads x with zeros,
+    which bn maps to `shift`, not zero. A grouped conv would mix the wrong input channels' factors.
+    """
+    if conv.groups != 1 or any(p != 0 for p in conv.padding) or conv.padding_mode != 'zeros':
+        raise ValueError('BatchNorm folds into the following convolution only when it is dense and unpadded')
+    scale, shift = _bn_scale_shift(bn)
+    weight = conv.weight.double()
+    bias = _conv_bias(conv) + (weight * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    _set_conv(conv, weight * scale.view(1, -1, 1, 1), bias)
+
+
+def fold_batchnorms(model: nn.Module) -> list:
+    """Fold every BatchNorm of a VAN that can be folded exactly (see the module docstring), in place.
+
+    The folded BatchNorms become nn.Identity. Returns their names. The model must be in eval mode:
+    folding uses the running statistics.
+    """
+    if model.training:
+        raise ValueError('fold BatchNorm only in eval mode (call model.eval() first)')
+    folded = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, OverlapPatchEmbed) and isinstance(module.norm, nn.BatchNorm2d):
+            fold_bn_after_conv(module.proj, module.norm)
+            module.norm = nn.Identity()
+            folded.append(f'{name}.norm')
+        elif isinstance(module, Block) and isinstance(module.norm2, nn.BatchNorm2d):
+            fold_bn_before_conv(module.norm2, module.mlp.fc1)
+            module.norm2 = nn.Identity()
+            folded.append(f'{name}.norm2')
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and verification
+# ---------------------------------------------------------------------------------------------
+def export(model: nn.Module, out_path, img_size, opset: int = 11) -> None:
+    """Write `model` (eval mode) as ONNX with a dynamic batch dimension."""
+    height, width = img_size
+    example = torch.randn(2, 3, height, width)
+    # dynamo=False: the TorchScript exporter writes opset 11 directly (the torch.export-based one
+    # targets opset 18 and needs onnxscript); Ascend ATC and older runtimes want opset 11.
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of the dynamo one; that is the choice above.
+        warnings.filterwarnings('ignore', category=DeprecationWarning, message='.*TorchScript-based ONNX export')
+        torch.onnx.export(
+            model, (example,), str(out_path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}},
+            do_constant_folding=True)
+
+
+def max_abs_diff_onnxruntime(onnx_path, reference: nn.Module, img_size, batch_sizes=(1, 3), seed: int = 0) -> float:
+    """Largest |onnxruntime - PyTorch| over random inputs at each of `batch_sizes` (checks the dynamic batch)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=['CPUExecutionProvider'])
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch in batch_sizes:
+        x = torch.randn(batch, 3, *img_size, generator=generator)
+        with torch.no_grad():
+            expected = reference(x).numpy()
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        if got.shape != expected.shape:
+            raise RuntimeError(f'onnxruntime returned shape {got.shape} for batch {batch}, PyTorch {expected.shape}')
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('checkpoint', help='checkpoint or weights file (main.py run file, official .pth.tar, '
+                                           '.safetensors, HuggingFace file or directory)')
+    parser.add_argument('--out', default=None,
+                        help='ONNX file to write (default: the checkpoint path with the suffix .onnx)')
+    parser.add_argument('--model', default=None,
+                        help='VAN variant, e.g. van_b0; needed only when the checkpoint does not say')
+    parser.add_argument('--img-size', type=int, default=None,
+                        help='input height and width (default: the training size stored in the checkpoint, else 224)')
+    parser.add_argument('--opset', type=int, default=11, help='ONNX opset version (default 11)')
+    parser.add_argument('--fold-bn', action='store_true',
+                        help='fold BatchNorm into the neighbouring convolutions where exact (see --help text above)')
+    parser.add_argument('--atol', type=float, default=1e-4,
+                        help='largest allowed |onnxruntime - PyTorch| difference (default 1e-4)')
+    return parser
+
+
+def _default_out(checkpoint: Path) -> Path:
+    name = checkpoint.name
+    for suffix in ('.pth.tar', '.pth', '.pt', '.bin', '.safetensors', '.tar'):
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+            break
+    return checkpoint.with_name(name + '.onnx')
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import onnxruntime  # noqa: F401  (verification needs it; fail before the slow export)
+    except ImportError:
+        print('export_onnx: error: onnxruntime is not installed; it verifies the exported file. '
+              'Install it with: pip install -r requirements-dev.txt', file=sys.stderr)
+        return 2
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir() and args.out is None:
+        args.out = str(checkpoint / 'model.onnx')
+    out_path = Path(args.out) if args.out else _default_out(checkpoint)
+
+    try:
+        loaded = load_model(checkpoint, model_name=args.model)
+    except (FileNotFoundError, UnsafeFileError, ValueError) as err:
+        print(f'export_onnx: error: {err}', file=sys.stderr)
+        return 2
+    img_size = (args.img_size, args.img_size) if args.img_size else (loaded.img_size or (DEFAULT_IMG_SIZE,) * 2)
+    reference = loaded.model
+    print(f'{checkpoint}: {loaded.variant}, {loaded.num_classes} classes, input {INPUT_NAME} (N, 3, {img_size[0]}, '
+          f'{img_size[1]}), opset {args.opset}')
+
+    model = reference
+    if args.fold_bn:
+        # Fold a copy, so the unfolded original stays the reference the ONNX file is checked against.
+        model = copy.deepcopy(reference)
+        folded = fold_batchnorms(model)
+        x = torch.randn(2, 3, *img_size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            fold_diff = (model(x) - reference(x)).abs().max().item()
+        print(f'folded {len(folded)} BatchNorm layers into convolutions (max abs diff vs unfolded PyTorch '
+              f'{fold_diff:.3e}); kept {sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())} '
+              f'(block norm1: its output also feeds the attention shortcut)')
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        export(model, out_path, img_size, opset=args.opset)
+    except (torch.onnx.errors.OnnxExporterError, torch.onnx.errors.UnsupportedOperatorError, OSError) as err:
+        print(f'export_onnx: error: exporting to {out_path} failed: {err}', file=sys.stderr)
+        return 1
+    diff = max_abs_diff_onnxruntime(out_path, reference, img_size)
+    verdict = 'OK' if diff <= args.atol else 'FAILED'
+    print(f'onnxruntime vs PyTorch ({"folded export vs unfolded model, " if args.fold_bn else ""}'
+          f'batch 1 and 3): max abs diff {diff:.3e} (tolerance {args.atol:g}) {verdict}')
+    if diff > args.atol:
+        print(f'export_onnx: error: {out_path} does not reproduce the PyTorch model within {args.atol:g}; '
+              f'the file is kept for inspection, do not deploy it', file=sys.stderr)
+        return 1
+    print(f'wrote {out_path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""A ready-to-run eval model from any checkpoint file, for the tools that use a trained model.
+
+tools/export_onnx.py and tools/predict.py accept every file the models package reads (main.py's
+training checkpoints, the official `{'state_dict': ...}` release, timm/Ascend-port checkpoints,
+HuggingFace files). Besides the weights they need what the file says about the run: the variant
+(`arch`, or `args['model']`), the class names (`class_to_idx`) and the image size (`args`). This
+module collects those in one place so both tools agree on them.
+
+Files are read only through `models.weights` (`safe_load`, `extract_state_dict`, and timm's
+`pretrained=True` path that calls `load_pretrained`), so an unsafe pickle is refused here as well.
+"""
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Tuple
+
+import timm
+import torch
+
+import models
+from models.weights import extract_state_dict, guess_variant, safe_load
+
+__all__ = ['LoadedModel', 'load_model', 'read_class_map', 'CheckpointError']
+
+
+class CheckpointError(ValueError):
+    """The file cannot become an inference model; the message names the file and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module          # in eval mode, on the CPU
+    variant: str                    # the timm name it was built as
+    num_classes: int
+    class_names: Optional[List[str]]  # index -> name, when the checkpoint or a class-map file has them
+    img_size: Optional[Tuple[int, int]]  # (H, W) the run trained at, when the checkpoint says
+
+
+def _run_args(checkpoint: Any) -> dict:
+    """The training arguments stored in a checkpoint as a dict (main.py: dict; timm scripts: Namespace)."""
+    args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}
+
+
+def _img_size(args: dict) -> Optional[Tuple[int, int]]:
+    """Training image size from main.py's `img_size` or timm's `input_size` ([C, H, W])."""
+    size = args.get('img_size')
+    if isinstance(size, int) and size > 0:
+        return size, size
+    size = args.get('input_size')
+    if isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(s, int) and s > 0 for s in size):
+        return size[1], size[2]
+    return None
+
+
+def _names_from_class_to_idx(class_to_idx: Mapping, num_classes: int, source: str) -> List[str]:
+    try:
+        by_index = {int(index): str(name) for name, index in class_to_idx.items()}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'{source}: class map must map names to class indices ({e})') from e
+    if sorted(by_index) != list(range(num_classes)):
+        raise CheckpointError(f'{source}: class map has {len(by_index)} classes with indices '
+                              f'{min(by_index, default=None)}..{max(by_index, default=None)}, but the model has '
+                              f'{num_classes} outputs; use the class map of the same training run')
+    return [by_index[i] for i in range(num_classes)]
+
+
+def read_class_map(path, num_classes: int) -> List[str]:
+    """Class names, index order, from a file: text (one name per line, line i = class i) or JSON.
+
+    JSON may be a list of names, a `class_to_idx` object ({"cat": 0, ...}, what ImageFolder and
+    main.py produce) or an index-keyed object ({"0": "cat", ...}; a list value such as
+    ["n01440764", "tench"] in ImageNet's class index file uses its last item, the readable name).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding='utf-8')
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'cannot read class map {path}: {e}') from e
+    if path.suffix.lower() == '.json':
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f'class map {path} is not valid JSON ({e})') from e
+        if isinstance(data, list):
+            names = [str(n) for n in data]
+        elif isinstance(data, dict) and data and all(isinstance(v, int) for v in data.values()):
+            return _names_from_class_to_idx(data, num_classes, f'class map {path}')
+        elif isinstance(data, dict) and data and all(str(k).isdigit() for k in data):
+            as_names = {str(name[-1] if isinstance(name, list) and name else name): int(k) for k, name in data.items()}
+            return _names_from_class_to_idx(as_names, num_classes, f'class map {path}')
+        else:
+            raise CheckpointError(f'class map {path}: expected a JSON list of names, {{"name": index}} '
+                                  f'or {{"index": "name"}}')
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise CheckpointError(f'class map {path} has {len(names)} names but the model has {num_classes} '
+                              f'outputs; give one name per class, in class-index order')
+    return names
+
+
+def load_model(path, model_name: Optional[str] = None, class_map: Optional[str] = None,
+               lka_impl: str = 'plain') -> LoadedModel:
+    """Build the model a checkpoint file holds, with its head, in eval mode on the CPU.
+
+    The variant is `model_name` when given, else the checkpoint's `arch`, else `args['model']`,
+    else the one whose layer shapes the weights have. `lka_impl` defaults to 'plain' (nn.Conv2d
+    exactly as the reference), the form exporters and other runtimes understand.
+
+    Raises FileNotFoundError, models.UnsafeFileError or ValueError (CheckpointError for problems
+    found here), each with a message naming the file.
+    """
+    source = str(path)
+    checkpoint = safe_load(path)
+    state_dict = extract_state_dict(checkpoint, source=source)
+    args = _run_args(checkpoint)
+    meta = checkpoint if isinstance(checkpoint, Mapping) else {}
+
+    variant = model_name or meta.get('arch') or args.get('model') or guess_variant(state_dict)
+    if not variant:
+        raise CheckpointError(f'{source} does not say which model it holds and its weights match no VAN '
+                              f'variant; pass --model (one of {", ".join(models.MODEL_NAMES)})')
+    if variant not in models.MODEL_NAMES:
+        raise CheckpointError(f'{source}: model {variant!r} is not a VAN variant; pass --model with one of '
+                              f'{", ".join(models.MODEL_NAMES)}')
+    head = state_dict.get('head.weight')
+    if head is None or head.dim() != 2:
+        raise CheckpointError(f'{source} has no classifier head (head.weight); it holds a backbone only. '
+                              f'Use a checkpoint of a trained classifier (e.g. model_best.pth.tar of a run)')
+    num_classes = head.shape[0]
+
+    model = timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=source),
+                              num_classes=num_classes, lka_impl=lka_impl)
+    model.eval()
+
+    if class_map is not None:
+        class_names = read_class_map(class_map, num_classes)
+    elif isinstance(meta.get('class_to_idx'), Mapping):
+        class_names = _names_from_class_to_idx(meta['class_to_idx'], num_classes, f'{source} (class_to_idx)')
+    else:
+        class_names = None
+    return LoadedModel(model=model, variant=variant, num_classes=num_classes,
+                       class_names=class_names, img_size=_img_size(args))
