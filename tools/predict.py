@@ -1,0 +1,157 @@
+"""Classify images with a trained VAN checkpoint and print the top-5 classes of each.
+
+    python tools/predict.py output/my-run/model_best.pth.tar photo.jpg more_photos/
+    python tools/predict.py van_tiny_754.pth.tar img.jpg --class-map imagenet_classes.txt
+
+Folders are searched recursively for image files (sorted). Class names come from the checkpoint's
+`class_to_idx` (main.py stores it), else from `--class-map` (a text file with one name per line in
+class-index order, or JSON), else the class indices are printed. Preprocessing is the model's eval
+transform (timm's resolve_data_config + create_transform: for VAN at 224 a bicubic resize to 248,
+center crop 224, mean = std = 0.5), at the image size the run trained with when the checkpoint says.
+
+Output, per image:
+    photos/cat.jpg
+      1. cat          97.31%  (class 3)
+      2. dog           1.20%  (class 5)
+An image that cannot be read is reported and skipped; the exit status is then 1.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from models.weights import UnsafeFileError  # noqa: E402
+from utils.inference import load_model  # noqa: E402
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
+
+
+def find_images(inputs):
+    """Image files named by `inputs` (files, or folders searched recursively), in a stable order.
+
+    Raises FileNotFoundError naming a path that does not exist, ValueError when nothing is found.
+    """
+    files = []
+    for entry in map(Path, inputs):
+        if entry.is_dir():
+            found = sorted(p for p in entry.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ValueError(f'{entry}: no image files ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
+            files.extend(found)
+        elif entry.is_file():
+            files.append(entry)  # named explicitly: trust the user, decoding will tell
+        else:
+            raise FileNotFoundError(f'{entry}: no such file or folder')
+    return files
+
+
+def build_transform(model, img_size=None):
+    """The model's eval preprocessing, at `img_size` (H, W) when given."""
+    from timm.data import create_transform, resolve_data_config
+
+    overrides = {'input_size': (3, *img_size)} if img_size else {}
+    config = resolve_data_config(overrides, model=model)
+    return create_transform(**config, is_training=False), config
+
+
+def load_image(path):
+    """Decoded RGB image; OSError/ValueError with the reason when the file is no readable image."""
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f'{path}: cannot read image ({e})') from e
+
+
+def predict(model, transform, paths, device, batch_size=16, topk=5):
+    """Yield (path, [(class index, probability), ...] best first) or (path, error message) per file."""
+    model = model.to(device)
+    batch_paths, batch = [], []
+
+    def run():
+        with torch.no_grad():
+            probs = model(torch.stack(batch).to(device)).float().softmax(dim=-1).cpu()
+        values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+        for path, v, i in zip(batch_paths, values.tolist(), indices.tolist()):
+            yield path, list(zip(i, v))
+        batch_paths.clear(), batch.clear()
+
+    for path in paths:
+        try:
+            image = load_image(path)
+        except ValueError as e:
+            yield path, str(e)
+            continue
+        batch_paths.append(path), batch.append(transform(image))
+        if len(batch) == batch_size:
+            yield from run()
+    if batch:
+        yield from run()
+
+
+def format_result(path, top, class_names):
+    lines = [str(path)]
+    width = max((len(class_names[i]) for i, _ in top), default=0) if class_names else 0
+    for rank, (index, prob) in enumerate(top, start=1):
+        name = class_names[index] if class_names else f'class {index}'
+        suffix = f'  (class {index})' if class_names else ''
+        lines.append(f'  {rank}. {name:<{width}}  {prob * 100:6.2f}%{suffix}')
+    return '\n'.join(lines)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('checkpoint', help='checkpoint or weights file with a classifier head')
+    parser.add_argument('images', nargs='+', help='image files and/or folders (searched recursively)')
+    parser.add_argument('--model', default=None, help='VAN variant, e.g. van_b0; only when the checkpoint does not say')
+    parser.add_argument('--class-map', default=None,
+                        help='class names: .txt with one name per line (class-index order) or .json; '
+                             'overrides the names stored in the checkpoint')
+    parser.add_argument('--img-size', type=int, default=None,
+                        help='input size (default: the training size stored in the checkpoint, else the model default 224)')
+    parser.add_argument('--topk', type=int, default=5, help='classes to print per image (default 5)')
+    parser.add_argument('-b', '--batch-size', type=int, default=16, help='images per forward pass (default 16)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='torch device to run on, e.g. cpu, cuda, cuda:1 (default: cuda when available)')
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.topk < 1 or args.batch_size < 1:
+        parser.error('--topk and --batch-size must be at least 1')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f'--device {args.device!r}: {e}')
+    try:
+        paths = find_images(args.images)
+        loaded = load_model(args.checkpoint, model_name=args.model, class_map=args.class_map)
+    except (FileNotFoundError, UnsafeFileError, ValueError) as err:
+        print(f'predict: error: {err}', file=sys.stderr)
+        return 2
+    img_size = (args.img_size, args.img_size) if args.img_size else loaded.img_size
+    transform, config = build_transform(loaded.model, img_size)
+    print(f'{args.checkpoint}: {loaded.variant}, {loaded.num_classes} classes, input {config["input_size"][1]}x'
+          f'{config["input_size"][2]} ({config["interpolation"]}, crop {config["crop_pct"]:g}); '
+          f'{len(paths)} image(s)', file=sys.stderr)
+
+    failed = 0
+    for path, result in predict(loaded.model, transform, paths, device, args.batch_size, args.topk):
+        if isinstance(result, str):
+            failed += 1
+            print(f'predict: skipped {result}', file=sys.stderr)
+        else:
+            print(format_result(path, result, loaded.class_names), flush=True)
+    if failed:
+        print(f'predict: {failed} of {len(paths)} file(s) could not be read', file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
