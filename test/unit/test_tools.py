@@ -21,6 +21,7 @@ if str(REPO_ROOT) not in sys.path:
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the VAN variants with timm)
+from models.weights import safe_load  # noqa: E402
 from utils import progress as progress_module  # noqa: E402
 from utils.inference import load_model  # noqa: E402
 from utils.tensorboard import NullWriter, TensorBoardWriter, create_writer  # noqa: E402
@@ -149,6 +150,21 @@ def test_export_official_file_with_fold_bn(checkpoints, tmp_path, capsys):
     assert ops.count('BatchNormalization') == 13
     # Compared with the unfolded model: the folding is checked end to end.
     assert _onnx_vs_torch(out, checkpoints['model'], 2) < 1e-4
+
+
+@pytest.mark.slow
+def test_export_of_the_reference_fixture_reproduces_reference_logits(tmp_path):
+    fixtures = Path(__file__).resolve().parents[3] / 'shared' / 'fixtures'
+    checkpoint, io_file = fixtures / 'van_b0_ref_10cls.pth.tar', fixtures / 'van_b0_ref_io.pt'
+    if not (checkpoint.is_file() and io_file.is_file()):
+        pytest.skip(f'reference fixtures not found in {fixtures} (the repo is expected beside shared/)')
+    import onnxruntime
+    out = tmp_path / 'reference.onnx'
+    assert export_onnx.main([str(checkpoint), '--fold-bn', '--out', str(out)]) == 0
+    reference = safe_load(io_file)
+    session = onnxruntime.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    (logits,) = session.run(['class'], {'image': reference['input'].numpy()})
+    assert np.abs(logits - reference['logits'].numpy()).max() < 1e-4
 
 
 @pytest.mark.slow
