@@ -9,8 +9,9 @@ The graph has one input `image` (N, 3, H, W), float32, normalised as in training
 models package reads; the variant comes from the file (`arch`, `args['model']`, or the weights'
 shapes) unless `--model` is given.
 
-After writing, the file is run with onnxruntime at two batch sizes and compared with PyTorch; the
-export fails (exit status 1) when the largest absolute difference exceeds `--atol` (1e-4).
+The exported graph is run with onnxruntime at two batch sizes and compared with PyTorch; when the
+largest absolute difference exceeds `--atol` (1e-4) the export fails (exit status 1) and the output
+file is not written (an earlier file of that name is left as it was).
 
 `--fold-bn` folds BatchNorm layers into neighbouring convolutions where that is exact in eval mode:
 - each patch embedding's BatchNorm into the convolution before it;
@@ -20,6 +21,7 @@ Each block's `norm1` stays: its output feeds `attn.proj_1` and also the attentio
 """
 import argparse
 import copy
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +38,8 @@ from utils.inference import load_model  # noqa: E402
 
 INPUT_NAME, OUTPUT_NAME = 'image', 'class'
 DEFAULT_IMG_SIZE = 224
+# Opsets the TorchScript exporter writes for this model (9: constant folding; 20: the exporter's newest).
+OPSETS = range(9, 21)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +151,25 @@ def max_abs_diff_onnxruntime(onnx_path, reference: nn.Module, img_size, batch_si
     return worst
 
 
+def _export_and_verify(model, reference, path, img_size, opset, atol, what_is_compared):
+    """Export `model` to `path` and compare it with `reference`; None when it matches, else the error."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+    try:
+        export(model, path, img_size, opset=opset)
+    except (torch.onnx.errors.OnnxExporterError, torch.onnx.errors.UnsupportedOperatorError, OSError) as err:
+        return f'exporting failed: {err}'
+    try:
+        diff = max_abs_diff_onnxruntime(path, reference, img_size)
+    except (RuntimeError, ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidArgument,
+            ort_errors.NotImplemented, ort_errors.RuntimeException) as err:
+        return f'onnxruntime cannot run the exported model: {err}'
+    print(f'onnxruntime vs PyTorch ({what_is_compared}batch 1 and 3): max abs diff {diff:.3e} '
+          f'(tolerance {atol:g}) {"OK" if diff <= atol else "FAILED"}')
+    if diff > atol:
+        return f'the ONNX model does not reproduce PyTorch within --atol {atol:g}'
+    return None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('checkpoint', help='checkpoint or weights file (main.py run file, official .pth.tar, '
@@ -157,7 +180,8 @@ def build_parser():
                         help='VAN variant, e.g. van_b0; needed only when the checkpoint does not say')
     parser.add_argument('--img-size', type=int, default=None,
                         help='input height and width (default: the training size stored in the checkpoint, else 224)')
-    parser.add_argument('--opset', type=int, default=11, help='ONNX opset version (default 11)')
+    parser.add_argument('--opset', type=int, default=11,
+                        help=f'ONNX opset version, {OPSETS[0]}..{OPSETS[-1]} (default 11, what Ascend ATC expects)')
     parser.add_argument('--fold-bn', action='store_true',
                         help='fold BatchNorm into the neighbouring convolutions where exact (see --help text above)')
     parser.add_argument('--atol', type=float, default=1e-4,
@@ -175,7 +199,12 @@ def _default_out(checkpoint: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.opset not in OPSETS:
+        parser.error(f'--opset {args.opset}: choose {OPSETS[0]}..{OPSETS[-1]}')
+    if args.img_size is not None and args.img_size < 32:
+        parser.error(f'--img-size {args.img_size}: VAN downsamples by 32, use at least 32')
     try:
         import onnxruntime  # noqa: F401  (verification needs it; fail before the slow export)
     except ImportError:
@@ -209,19 +238,19 @@ def main(argv=None) -> int:
               f'{fold_diff:.3e}); kept {sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())} '
               f'(block norm1: its output also feeds the attention shortcut)')
 
+    # Export and verify under a temporary name: `out_path` only ever holds a verified file, and an
+    # earlier good export there survives a failed one.
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + '.partial')
     try:
-        export(model, out_path, img_size, opset=args.opset)
-    except (torch.onnx.errors.OnnxExporterError, torch.onnx.errors.UnsupportedOperatorError, OSError) as err:
-        print(f'export_onnx: error: exporting to {out_path} failed: {err}', file=sys.stderr)
-        return 1
-    diff = max_abs_diff_onnxruntime(out_path, reference, img_size)
-    verdict = 'OK' if diff <= args.atol else 'FAILED'
-    print(f'onnxruntime vs PyTorch ({"folded export vs unfolded model, " if args.fold_bn else ""}'
-          f'batch 1 and 3): max abs diff {diff:.3e} (tolerance {args.atol:g}) {verdict}')
-    if diff > args.atol:
-        print(f'export_onnx: error: {out_path} does not reproduce the PyTorch model within {args.atol:g}; '
-              f'the file is kept for inspection, do not deploy it', file=sys.stderr)
+        error = _export_and_verify(model, reference, partial, img_size, args.opset, args.atol,
+                                   'folded export vs unfolded model, ' if args.fold_bn else '')
+        if error is None:
+            os.replace(partial, out_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    if error is not None:
+        print(f'export_onnx: error: {error}; {out_path} was not written', file=sys.stderr)
         return 1
     print(f'wrote {out_path}')
     return 0

@@ -168,6 +168,18 @@ def test_export_of_the_reference_fixture_reproduces_reference_logits(tmp_path):
 
 
 @pytest.mark.slow
+def test_export_that_fails_verification_leaves_no_file_and_keeps_an_earlier_one(checkpoints, tmp_path, capsys):
+    out = tmp_path / 'deployed.onnx'
+    out.write_bytes(b'an earlier, good export')
+    # No float32 export reproduces PyTorch to 1e-12: verification must fail.
+    assert export_onnx.main([str(checkpoints['official']), '--img-size', str(IMG), '--atol', '1e-12',
+                             '--out', str(out)]) == 1
+    assert 'FAILED' in capsys.readouterr().out
+    assert out.read_bytes() == b'an earlier, good export'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['deployed.onnx']
+
+
+@pytest.mark.slow
 def test_export_default_output_path_from_the_command_line(checkpoints):
     result = subprocess.run([sys.executable, str(REPO_ROOT / 'tools' / 'export_onnx.py'), str(checkpoints['main'])],
                             capture_output=True, text=True, cwd=str(checkpoints['main'].parent.parent))
