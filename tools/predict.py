@@ -7,7 +7,8 @@ Folders are searched recursively for image files (sorted). Class names come from
 `class_to_idx` (main.py stores it), else from `--class-map` (a text file with one name per line in
 class-index order, or JSON), else the class indices are printed. Preprocessing is the model's eval
 transform (timm's resolve_data_config + create_transform: for VAN at 224 a bicubic resize to 248,
-center crop 224, mean = std = 0.5), at the image size the run trained with when the checkpoint says.
+center crop 224, mean = std = 0.5), with the run's own options when the checkpoint stores them
+(main.py's --img-size, --crop-pct, --mean, --std, --interpolation).
 
 Output, per image:
     photos/cat.jpg
@@ -49,12 +50,15 @@ def find_images(inputs):
     return files
 
 
-def build_transform(model, img_size=None):
-    """The model's eval preprocessing, at `img_size` (H, W) when given."""
+def build_transform(model, data_args=None, img_size=None):
+    """The model's eval preprocessing with the run's options (`data_args`, see utils.inference),
+    at `img_size` when given; returns (transform, resolved config)."""
     from timm.data import create_transform, resolve_data_config
 
-    overrides = {'input_size': (3, *img_size)} if img_size else {}
-    config = resolve_data_config(overrides, model=model)
+    data_args = dict(data_args or {})
+    if img_size:
+        data_args['input_size'] = (3, img_size, img_size)
+    config = resolve_data_config(data_args, model=model)
     return create_transform(**config, is_training=False), config
 
 
@@ -135,8 +139,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, UnsafeFileError, ValueError) as err:
         print(f'predict: error: {err}', file=sys.stderr)
         return 2
-    img_size = (args.img_size, args.img_size) if args.img_size else loaded.img_size
-    transform, config = build_transform(loaded.model, img_size)
+    transform, config = build_transform(loaded.model, loaded.data_args, args.img_size)
     print(f'{args.checkpoint}: {loaded.variant}, {loaded.num_classes} classes, input {config["input_size"][1]}x'
           f'{config["input_size"][2]} ({config["interpolation"]}, crop {config["crop_pct"]:g}); '
           f'{len(paths)} image(s)', file=sys.stderr)

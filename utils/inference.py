@@ -35,6 +35,7 @@ class LoadedModel:
     num_classes: int
     class_names: Optional[List[str]]  # index -> name, when the checkpoint or a class-map file has them
     img_size: Optional[Tuple[int, int]]  # (H, W) the run trained at, when the checkpoint says
+    data_args: dict  # the run's eval-preprocessing options, for timm's resolve_data_config
 
 
 def _run_args(checkpoint: Any) -> dict:
@@ -54,6 +55,25 @@ def _img_size(args: dict) -> Optional[Tuple[int, int]]:
     if isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(s, int) and s > 0 for s in size):
         return size[1], size[2]
     return None
+
+
+def _eval_data_args(args: dict) -> dict:
+    """The run's eval preprocessing options (main.py: --img-size --crop-pct --mean --std --interpolation)
+    in resolve_data_config's terms; values of an unexpected type are left out (the model default applies)."""
+    data_args = {}
+    size = _img_size(args)
+    if size:
+        data_args['input_size'] = (3, *size)
+    crop_pct = args.get('crop_pct')
+    if isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1:
+        data_args['crop_pct'] = float(crop_pct)
+    if isinstance(args.get('interpolation'), str) and args['interpolation']:
+        data_args['interpolation'] = args['interpolation']
+    for key in ('mean', 'std'):
+        value = args.get(key)
+        if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
+            data_args[key] = tuple(float(v) for v in value)
+    return data_args
 
 
 def _names_from_class_to_idx(class_to_idx: Mapping, num_classes: int, source: str) -> List[str]:
@@ -144,4 +164,4 @@ def load_model(path, model_name: Optional[str] = None, class_map: Optional[str] 
     else:
         class_names = None
     return LoadedModel(model=model, variant=variant, num_classes=num_classes,
-                       class_names=class_names, img_size=_img_size(args))
+                       class_names=class_names, img_size=_img_size(args), data_args=_eval_data_args(args))

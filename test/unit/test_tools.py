@@ -23,6 +23,7 @@ import timm  # noqa: E402
 import models  # noqa: E402,F401  (registers the VAN variants with timm)
 from models.weights import safe_load  # noqa: E402
 from utils import progress as progress_module  # noqa: E402
+from utils.curves import plot_curves  # noqa: E402
 from utils.inference import load_model  # noqa: E402
 from utils.tensorboard import NullWriter, TensorBoardWriter, create_writer  # noqa: E402
 
@@ -39,7 +40,7 @@ def _load_tool(name):
 
 export_onnx = _load_tool('export_onnx')
 predict = _load_tool('predict')
-plot_curves = _load_tool('plot_curves')
+plot_curves_tool = _load_tool('plot_curves')
 
 
 def _trained_looking_van_b0(num_classes=len(CLASSES), seed=0):
@@ -252,7 +253,7 @@ def test_predict_prints_top_classes_by_name(checkpoints, images, capsys):
 
     # Same numbers as the model applied to the eval transform of the run's size (64: resize 71, crop 64).
     loaded = load_model(checkpoints['main'])
-    transform, config = predict.build_transform(loaded.model, loaded.img_size)
+    transform, config = predict.build_transform(loaded.model, loaded.data_args)
     assert config['input_size'] == (3, IMG, IMG) and config['interpolation'] == 'bicubic'
     names = {index: name for name, index in CLASSES.items()}
     for path in paths:
@@ -268,12 +269,37 @@ def test_predict_prints_top_classes_by_name(checkpoints, images, capsys):
 def test_predict_default_preprocessing_is_the_official_eval_transform(checkpoints):
     from torchvision import transforms
     loaded = load_model(checkpoints['official'])
-    transform, _ = predict.build_transform(loaded.model, loaded.img_size)
+    transform, _ = predict.build_transform(loaded.model, loaded.data_args)
     steps = {type(t): t for t in transform.transforms}
     assert steps[transforms.Resize].size == 248  # 224 / 0.9
     assert steps[transforms.Resize].interpolation == transforms.InterpolationMode.BICUBIC
     assert tuple(steps[transforms.CenterCrop].size) == (224, 224)
     assert tuple(steps[transforms.Normalize].mean) == tuple(steps[transforms.Normalize].std) == (0.5, 0.5, 0.5)
+
+
+def test_predict_uses_the_runs_eval_options(checkpoints, tmp_path):
+    from torchvision import transforms
+    state_dict = checkpoints['model'].state_dict()
+    run_options = tmp_path / 'run_options.pth.tar'
+    torch.save({'arch': 'van_b0', 'state_dict': state_dict, 'class_to_idx': CLASSES,
+                'args': {'model': 'van_b0', 'img_size': 96, 'crop_pct': 1.0, 'interpolation': 'bilinear',
+                         'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}}, run_options)
+    unset_options = tmp_path / 'unset_options.pth.tar'  # main.py stores None for options left unset
+    torch.save({'arch': 'van_b0', 'state_dict': state_dict, 'class_to_idx': CLASSES,
+                'args': {'model': 'van_b0', 'img_size': None, 'crop_pct': None, 'interpolation': None,
+                         'mean': None, 'std': None}}, unset_options)
+
+    loaded = load_model(run_options)
+    _, config = predict.build_transform(loaded.model, loaded.data_args)
+    assert config['input_size'] == (3, 96, 96) and config['crop_pct'] == 1.0
+    assert config['interpolation'] == 'bilinear' and config['mean'] == (0.485, 0.456, 0.406)
+    _, config = predict.build_transform(loaded.model, loaded.data_args, img_size=128)  # --img-size wins
+    assert config['input_size'] == (3, 128, 128)
+
+    loaded = load_model(unset_options)
+    transform, config = predict.build_transform(loaded.model, loaded.data_args)
+    assert config['input_size'] == (3, 224, 224) and config['mean'] == (0.5, 0.5, 0.5)
+    assert [t.size for t in transform.transforms if isinstance(t, transforms.Resize)] == [248]
 
 
 @pytest.mark.parametrize('class_map_kind', ['txt', 'json_list', 'json_class_to_idx'])
@@ -335,7 +361,7 @@ def test_plot_curves_writes_a_png(tmp_path):
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'summary.csv').write_text(SUMMARY)
-    written = plot_curves.plot_curves(run / 'summary.csv', run / 'curves.png')
+    written = plot_curves(run / 'summary.csv', run / 'curves.png')
     with Image.open(written) as png:
         assert png.format == 'PNG' and png.width > 800 and png.height > 300
         # Not a blank canvas: the lines put many distinct colours on it.
@@ -347,12 +373,12 @@ def test_plot_curves_command_line(tmp_path, capsys):
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'summary.csv').write_text(SUMMARY)
-    assert plot_curves.main([str(run)]) == 0
+    assert plot_curves_tool.main([str(run)]) == 0
     assert (run / 'curves.png').is_file()
     (run / 'other.csv').write_text('epoch,loss\n0,1.0\n')
-    assert plot_curves.main([str(run / 'other.csv')]) == 2
+    assert plot_curves_tool.main([str(run / 'other.csv')]) == 2
     assert 'missing' in capsys.readouterr().err
-    assert plot_curves.main([str(tmp_path / 'no-run')]) == 2
+    assert plot_curves_tool.main([str(tmp_path / 'no-run')]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
