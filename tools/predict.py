@@ -63,7 +63,8 @@ def build_transform(model, data_args=None, img_size=None):
 
 
 def load_image(path):
-    """Decoded RGB image; OSError/ValueError with the reason when the file is no readable image."""
+    """The file decoded as RGB (like torchvision's ImageFolder loader); ValueError naming the file and the
+    reason when it is no readable image."""
     try:
         with Image.open(path) as img:
             return img.convert('RGB')
