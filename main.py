@@ -256,6 +256,14 @@ def restore(checkpoint: dict, path: str, model, optimizer, precision, model_ema,
     precision.load_state_dict(checkpoint.get(precision.checkpoint_key) if precision.checkpoint_key else None)
 
 
+SCHEDULE_OPTIONS = ('sched', 'lr', 'warmup_lr', 'min_lr', 'epochs', 'warmup_epochs', 'cooldown_epochs',
+                    'decay_epochs', 'decay_rate', 'sched_on_updates')
+
+
+def schedule_options(args: dict) -> dict:
+    return {k: args.get(k) for k in SCHEDULE_OPTIONS}
+
+
 def plain_args(args) -> dict:
     """args as a dict of plain values (loadable with weights_only=True, writable as YAML)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
@@ -332,7 +340,10 @@ def run(args) -> None:
                 weights_only=args.eval)
         start_epoch = checkpoint['epoch'] + 1
         if checkpoint.get('scheduler') and not args.eval:
-            scheduler.load_state_dict(checkpoint['scheduler'])
+            if schedule_options(checkpoint.get('args') or {}) == schedule_options(vars(args)):
+                scheduler.load_state_dict(checkpoint['scheduler'])
+            else:
+                logger.info('schedule options differ from the checkpoint\'s: following the new ones')
         saver_state = dict(history=checkpoint.get('checkpoint_history'),
                            best=(checkpoint['best_metric'], checkpoint['best_epoch'])
                            if checkpoint.get('best_metric') is not None else None)

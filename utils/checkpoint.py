@@ -11,6 +11,8 @@ import shutil
 
 import torch
 
+from models.weights import safe_load
+
 CHECKPOINT_FILES = ('last.pth.tar', 'model_best.pth.tar')
 HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
 REQUIRED_RESUME_KEYS = ('epoch', 'state_dict', 'optimizer')
@@ -56,25 +58,12 @@ def atomic_copy(src: str, dst: str) -> None:
 
 def read_file(path: str):
     """Load a .pth/.pth.tar safely (weights_only); any failure becomes one CheckpointError message."""
-    try:
-        from models.weights import safe_load
-    except ImportError:
-        safe_load = _weights_only_load
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist')
     try:
         return safe_load(path)
-    except CheckpointError:
-        raise
     except Exception as error:  # unsafe pickle, truncated file, not a torch file ...
         raise CheckpointError(f'cannot read checkpoint {path!r}: {error}') from None
-
-
-def _weights_only_load(path: str):
-    # Stand-in for models.weights.safe_load until the models package provides it.
-    import argparse
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def read_training_checkpoint(path: str) -> dict:
