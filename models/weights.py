@@ -78,6 +78,11 @@ def safe_load(path: PathLike) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f'{path} is not a readable safetensors file ({e})') from e
 
+    with open(path, 'rb') as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive ('PK'); older torch and plain pickles start with the PROTO opcode.
+    if not (magic == b'PK' or magic[:1] == b'\x80'):
+        raise ValueError(f'{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)')
     try:
         if _safe_globals_context is None:
             return torch.load(path, map_location='cpu', weights_only=True)
