@@ -136,6 +136,23 @@ def test_huggingface_transformers_weights(tmp_path, source, filename):
     _assert_same_weights(_load(tmp_path, num_classes=10), state_dict)
 
 
+def test_huggingface_bare_backbone_without_classifier(tmp_path, source, caplog):
+    model, state_dict = source
+    backbone = {k[len('van.'):]: v for k, v in _hf_state_dict(state_dict).items() if k.startswith('van.')}
+    torch.save(backbone, tmp_path / 'pytorch_model.bin')
+    with caplog.at_level(logging.INFO, logger='models.weights'):
+        loaded = _load(tmp_path / 'pytorch_model.bin', num_classes=10)
+    _assert_same_weights(loaded, state_dict, skip=('head.',))
+    assert any('head for 0 classes' in r.getMessage() for r in caplog.records)
+
+
+def test_in_memory_state_dict_through_the_pretrained_config(source):
+    model, state_dict = source
+    loaded = timm.create_model('van_b0', pretrained=True, num_classes=10,
+                               pretrained_cfg_overlay=dict(state_dict={'state_dict': state_dict}))
+    _assert_same_weights(loaded, state_dict)
+
+
 def test_huggingface_file_without_batchnorm_counters(tmp_path, source):
     model, state_dict = source
     hf = {k: v for k, v in _hf_state_dict(state_dict).items() if not k.endswith('num_batches_tracked')}
