@@ -12,8 +12,7 @@ fine-tuned 10-class file could not load whole; VAN files are therefore loaded by
 """
 from functools import partial
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from .van import ALIASES, VAN, VARIANTS, lka_impls, register_lka_impl, resolve_lka_impl
 from .weights import UnsafeFileError, load_pretrained, load_weights, safe_load

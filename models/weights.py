@@ -178,9 +178,14 @@ def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str,
         raise ValueError(f'{source} holds no model weights: expected a state dict or a dict with one of '
                          f'{", ".join(_STATE_DICT_KEYS)}; found {keys}')
 
-    # DDP / DataParallel saves prefix every name with `module.`.
-    if all(k.startswith('module.') for k in state_dict):
-        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    # DDP / DataParallel saves prefix every name with `module.`, torch.compile'd models with `_orig_mod.`.
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in ('module.', '_orig_mod.'):
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                stripped = True
     if any(k.startswith(('van.encoder.stages.', 'encoder.stages.')) for k in state_dict):
         renamed = {}
         for k, v in state_dict.items():

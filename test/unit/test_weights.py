@@ -114,6 +114,12 @@ def test_training_checkpoint_with_optimizer_namespace_and_ddp_prefix(tmp_path, s
     _assert_same_weights(loaded, state_dict)  # the regular weights win over the EMA copy
 
 
+def test_compiled_and_ddp_wrapped_model_names(tmp_path, source):
+    _, state_dict = source
+    torch.save({'state_dict': {'module._orig_mod.' + k: v for k, v in state_dict.items()}}, tmp_path / 'c.pth')
+    _assert_same_weights(_load(tmp_path / 'c.pth', num_classes=10), state_dict)
+
+
 def test_ema_only_checkpoint(tmp_path, source):
     model, state_dict = source
     torch.save({'epoch': 3, 'state_dict_ema': state_dict}, tmp_path / 'ema.pth.tar')
