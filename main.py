@@ -24,12 +24,15 @@ from torchvision.datasets.folder import find_classes
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, create_precision, parse_loss_scale
 from utils.checkpoint import (CheckpointError, CheckpointSaver, find_resume_checkpoint,
                               read_training_checkpoint)
+from utils.curves import plot_run_curves
 from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
                         build_train_criterion, find_split_dirs)
 from utils.device import DEVICE_CHOICES, DeviceError, cleanup_distributed, init_distributed_device
 from utils.engine import NonFiniteLossError, evaluate, set_seed, train_one_epoch
 from utils.logger import setup_logger, update_summary
 from utils.optim import create_optimizer, create_scheduler
+from utils.progress import progress_enabled
+from utils.tensorboard import create_writer
 
 # Errors a user can cause: reported as one message, exit status 2, no traceback.
 USER_ERRORS = (DatasetError, CheckpointError, DeviceError, AmpError, NonFiniteLossError)
@@ -138,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--checkpoint-hist', type=int, default=10, help='keep the best N checkpoint-<epoch> files')
     group.add_argument('--max-steps-per-epoch', type=int, default=None,
                        help='cap the steps of each epoch (performance runs)')
+    group.add_argument('--tensorboard', action='store_true',
+                       help='also write per-epoch scalars to <run dir>/tensorboard (needs the tensorboard package)')
     return parser
 
 
@@ -355,8 +360,10 @@ def run(args) -> None:
         device_ids = None if device.type == 'cpu' else [device.index]
         train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
 
+    # A progress bar only where someone watches (rank 0, stderr a terminal); logs stay unchanged.
+    show_progress = progress_enabled(dist_env.is_main)
     eval_kwargs = dict(device=device, dist_env=dist_env, logger=logger, autocast=precision.autocast,
-                       log_interval=args.log_interval, channels_last=args.channels_last)
+                       log_interval=args.log_interval, channels_last=args.channels_last, show_progress=show_progress)
     if args.eval:
         # Evaluate the bare model: DDP's forward would sync buffers, and ranks hold unequal shards.
         evaluate(eval_model, val_loader, **eval_kwargs)
@@ -372,6 +379,7 @@ def run(args) -> None:
             scheduler.step(start_epoch)
     saver = CheckpointSaver(run_dir, args.checkpoint_hist, **saver_state) if dist_env.is_main else None
     best = saver_state.get('best')
+    tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, 'tensorboard'), dist_env.is_main, logger)
     for epoch in range(start_epoch, total_epochs):
         # Seed per epoch so that drop path and mixup draw the same numbers whether or not the run
         # was resumed; per-image augmentation is seeded in the dataset.
@@ -383,7 +391,8 @@ def run(args) -> None:
             train_model, train_loader, criterion, optimizer, precision, device, epoch, dist_env, logger,
             mixup_fn=mixup_fn, lr_scheduler=scheduler, num_updates=epoch * steps_per_epoch,
             clip_grad=args.clip_grad, clip_mode=args.clip_mode, model_ema=model_ema,
-            log_interval=args.log_interval, max_steps=args.max_steps_per_epoch, channels_last=args.channels_last)
+            log_interval=args.log_interval, max_steps=args.max_steps_per_epoch, channels_last=args.channels_last,
+            show_progress=show_progress)
         if dist_env.distributed and args.dist_bn and not args.sync_bn:
             distribute_bn(model, dist_env.world_size, reduce=args.dist_bn == 'reduce')
         metrics = evaluate(eval_model, val_loader, **eval_kwargs)
@@ -393,10 +402,12 @@ def run(args) -> None:
             evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
         scheduler.step(epoch + 1, metrics['top1'])
         if dist_env.is_main:
-            update_summary(os.path.join(run_dir, 'summary.csv'), dict(
+            summary_row = dict(
                 epoch=epoch, train_loss=f"{train_stats['loss']:.6f}", lr=f"{train_stats['lr']:.6e}",
                 eval_loss=f"{metrics['loss']:.6f}", eval_top1=f"{metrics['top1']:.4f}",
-                eval_top5=f"{metrics['top5']:.4f}"))
+                eval_top5=f"{metrics['top5']:.4f}")
+            update_summary(os.path.join(run_dir, 'summary.csv'), summary_row)
+            tensorboard.write_epoch(summary_row)
             state = dict(arch=args.model, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), version=2, args=plain_args(args),
                          class_to_idx=class_to_idx)
@@ -407,6 +418,9 @@ def run(args) -> None:
             best = saver.save(state, epoch, metrics['top1'])
         elif best is None or metrics['top1'] > best[0]:
             best = (metrics['top1'], epoch)  # every rank has the same metrics
+    tensorboard.close()
+    if dist_env.is_main:
+        plot_run_curves(run_dir, logger)
     if best is not None:
         logger.info(f'*** Best metric: {best[0]:.3f} (epoch {best[1]})')
 

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ['plot_curves', 'read_summary', 'SUMMARY_COLUMNS']
+__all__ = ['plot_curves', 'plot_run_curves', 'read_summary', 'SUMMARY_COLUMNS']
 
 SUMMARY_COLUMNS = ("epoch", "train_loss", "lr", "eval_loss", "eval_top1", "eval_top5")
 
@@ -98,3 +98,22 @@ def plot_curves(summary_csv, out_png):
     finally:
         tmp.unlink(missing_ok=True)
     return out_png
+
+
+def plot_run_curves(run_dir, logger):
+    """Write <run_dir>/curves.png from its summary.csv when training ends; returns the path or None.
+
+    The checkpoints and summary.csv are written by then, so a plotting problem (matplotlib missing,
+    an unwritable directory) is logged with the fix and never fails the run.
+    """
+    run_dir = Path(run_dir)
+    try:
+        written = plot_curves(run_dir / "summary.csv", run_dir / "curves.png")
+    except ImportError as err:
+        logger.info(f"curves.png not written: {err} (pip install matplotlib, then python tools/plot_curves.py {run_dir})")
+        return None
+    except (OSError, ValueError) as err:
+        logger.info(f"curves.png not written: {err}")
+        return None
+    logger.info(f"training curves: {written}")
+    return written

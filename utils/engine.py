@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from utils.device import DistEnv, all_reduce_sum, synchronize
 from utils.logger import AverageMeter
+from utils.progress import progress
 
 FPS_WARMUP_STEPS = 5  # the first steps of an epoch (worker start, allocator warm-up) are not timed
 
@@ -44,7 +45,8 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
                     precision, device: torch.device, epoch: int, dist_env: DistEnv, logger,
                     mixup_fn: Optional[Callable] = None, lr_scheduler=None, num_updates: int = 0,
                     clip_grad: Optional[float] = None, clip_mode: str = 'norm', model_ema=None,
-                    log_interval: int = 50, max_steps: Optional[int] = None, channels_last: bool = False):
+                    log_interval: int = 50, max_steps: Optional[int] = None, channels_last: bool = False,
+                    show_progress: bool = False):
     """One pass over the training loader; returns dict(loss, lr, fps, num_updates)."""
     model.train()
     steps = len(loader) if not max_steps else min(len(loader), max_steps)
@@ -57,7 +59,7 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
 
     previous_end = timed_start = time.perf_counter()
     timed_steps = steps
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets) in enumerate(progress(loader, steps, f'Train {epoch}', show_progress, logger)):
         if step >= steps:
             break
         data_time.update(time.perf_counter() - previous_end)
@@ -117,14 +119,14 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: DistEnv, logger,
              autocast: Callable = None, log_interval: int = 50, channels_last: bool = False,
-             log_prefix: str = ''):
+             log_prefix: str = '', show_progress: bool = False):
     """Loss, Acc@1, Acc@5 over the whole validation set, summed over ranks: every rank returns the
     same numbers and each image counts once (the loader shards without padding)."""
     model.eval()
     autocast = autocast or contextlib.nullcontext
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct@1, correct@5, n
     steps = len(loader)
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets) in enumerate(progress(loader, steps, f'{log_prefix}Test', show_progress, logger)):
         images, targets = _to_device(images, targets, device, channels_last)
         with autocast():
             output = model(images)

@@ -459,3 +459,93 @@ def test_progress_bar_keeps_log_lines_and_file_unchanged(monkeypatch, tmp_path):
     assert log_file.read_text() == expected
     assert console_out.getvalue() == expected  # console lines printed whole, above the bar
     assert 'Train 0' in terminal.getvalue() and '/4 ' in terminal.getvalue()  # the bar was drawn
+
+
+# ---------------------------------------------------------------------------------------------
+# Wired into main.py: curves.png, --tensorboard and the progress bar in a real training run
+# ---------------------------------------------------------------------------------------------
+TINY_RUN = ['--model', 'van_b0', '--img-size', '32', '-b', '8', '--warmup-epochs', '0', '--cooldown-epochs', '0',
+            '--log-interval', '2', '-j', '0', '--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0',
+            '--max-steps-per-epoch', '2']
+
+
+def _summary_column(run_dir, column):
+    import csv
+    with open(run_dir / 'summary.csv', newline='') as f:
+        return [float(row[column]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_training_writes_curves_and_tensorboard_scalars(shapes_dataset, tmp_path):
+    pytest.importorskip('tensorboard', reason='the tensorboard package is optional and not installed here')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import main
+    assert main.main(['--data_path', str(shapes_dataset), *TINY_RUN, '--epochs', '2', '--tensorboard',
+                      '--output', str(tmp_path), '--experiment', 'tb']) == 0
+    run_dir = tmp_path / 'tb'
+    with Image.open(run_dir / 'curves.png') as png:
+        assert png.format == 'PNG'
+    events = EventAccumulator(str(run_dir / 'tensorboard'))
+    events.Reload()
+    for tag, column in (('train/loss', 'train_loss'), ('eval/acc1', 'eval_top1'), ('train/lr', 'lr')):
+        points = events.Scalars(tag)
+        assert [p.step for p in points] == [0, 1]
+        assert np.allclose([p.value for p in points], _summary_column(run_dir, column), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_training_without_tensorboard_installed_says_so_and_finishes(shapes_dataset, tmp_path, monkeypatch):
+    import main
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # import now raises ImportError
+    assert main.main(['--data_path', str(shapes_dataset), *TINY_RUN, '--epochs', '1', '--tensorboard',
+                      '--output', str(tmp_path), '--experiment', 'no-tb']) == 0
+    run_dir = tmp_path / 'no-tb'
+    log = (run_dir / 'log.txt').read_text()
+    assert 'tensorboard package is not installed' in log and '*** Best metric' in log
+    assert (run_dir / 'curves.png').is_file() and not (run_dir / 'tensorboard').exists()
+
+
+@pytest.mark.slow
+def test_progress_bar_in_a_terminal_leaves_the_logs_unchanged(shapes_dataset, tmp_path, repo_root, subprocess_env):
+    import fcntl
+    import os
+    import pty
+    import re
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    # A real terminal has a size; a bare pty reports 0 columns and tqdm would draw an empty bar.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 120, 0, 0))
+    terminal = bytearray()
+
+    def read_terminal():
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            terminal.extend(data)
+
+    reader = threading.Thread(target=read_terminal)
+    reader.start()
+    child = subprocess.Popen([sys.executable, 'main.py', '--data_path', str(shapes_dataset), *TINY_RUN,
+                              '--epochs', '1', '--output', str(tmp_path), '--experiment', 'tty'],
+                             cwd=repo_root, env=subprocess_env, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    stdout, _ = child.communicate(timeout=600)
+    reader.join(timeout=10)
+    os.close(master)
+    assert child.returncode == 0, stdout[-2000:]
+
+    shown = terminal.decode(errors='replace')
+    assert re.search(r'Train 0: .*\| 0/2 \[', shown) and re.search(r'Test: .*\| 0/3 \[', shown)  # bars with ETA
+    log_lines = [line.split(' ', 2)[2] for line in (tmp_path / 'tty' / 'log.txt').read_text().splitlines()]
+    # The log file and stdout carry exactly the ModelZoo lines, no bar fragments or carriage returns.
+    assert log_lines == stdout.splitlines()
+    assert any(line.startswith('Train: 0 [   2/   2 (100%)]  Loss: ') for line in log_lines)
+    assert any(line.startswith('Epoch 0 FPS:') for line in log_lines)
+    assert not any('\r' in line or '|' in line for line in log_lines)
