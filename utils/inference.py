@@ -76,16 +76,22 @@ def _eval_data_args(args: dict) -> dict:
     return data_args
 
 
+def _ordered_names(by_index: Mapping[int, str], num_classes: int, source: str) -> List[str]:
+    """Names in class-index order; CheckpointError unless the indices are exactly 0..num_classes-1."""
+    if sorted(by_index) != list(range(num_classes)):
+        raise CheckpointError(f'{source}: the class map must name each of the model\'s {num_classes} classes '
+                              f'0..{num_classes - 1} once; it has {len(by_index)} entries with indices '
+                              f'{min(by_index, default=None)}..{max(by_index, default=None)}. '
+                              f'Use the class map of the same training run')
+    return [by_index[i] for i in range(num_classes)]
+
+
 def _names_from_class_to_idx(class_to_idx: Mapping, num_classes: int, source: str) -> List[str]:
     try:
         by_index = {int(index): str(name) for name, index in class_to_idx.items()}
     except (TypeError, ValueError) as e:
         raise CheckpointError(f'{source}: class map must map names to class indices ({e})') from e
-    if sorted(by_index) != list(range(num_classes)):
-        raise CheckpointError(f'{source}: class map has {len(by_index)} classes with indices '
-                              f'{min(by_index, default=None)}..{max(by_index, default=None)}, but the model has '
-                              f'{num_classes} outputs; use the class map of the same training run')
-    return [by_index[i] for i in range(num_classes)]
+    return _ordered_names(by_index, num_classes, source)
 
 
 def read_class_map(path, num_classes: int) -> List[str]:
@@ -110,8 +116,9 @@ def read_class_map(path, num_classes: int) -> List[str]:
         elif isinstance(data, dict) and data and all(isinstance(v, int) for v in data.values()):
             return _names_from_class_to_idx(data, num_classes, f'class map {path}')
         elif isinstance(data, dict) and data and all(str(k).isdigit() for k in data):
-            as_names = {str(name[-1] if isinstance(name, list) and name else name): int(k) for k, name in data.items()}
-            return _names_from_class_to_idx(as_names, num_classes, f'class map {path}')
+            # Keyed by index, so names may repeat (ImageNet has two different classes called "crane").
+            by_index = {int(k): str(name[-1] if isinstance(name, list) and name else name) for k, name in data.items()}
+            return _ordered_names(by_index, num_classes, f'class map {path}')
         else:
             raise CheckpointError(f'class map {path}: expected a JSON list of names, {{"name": index}} '
                                   f'or {{"index": "name"}}')

@@ -302,7 +302,7 @@ def test_predict_uses_the_runs_eval_options(checkpoints, tmp_path):
     assert [t.size for t in transform.transforms if isinstance(t, transforms.Resize)] == [248]
 
 
-@pytest.mark.parametrize('class_map_kind', ['txt', 'json_list', 'json_class_to_idx'])
+@pytest.mark.parametrize('class_map_kind', ['txt', 'json_list', 'json_class_to_idx', 'json_index_to_name'])
 def test_predict_names_from_a_class_map_file(checkpoints, images, tmp_path, capsys, class_map_kind):
     names = ['alpha', 'beta', 'gamma', 'delta']
     class_map = tmp_path / ('names.txt' if class_map_kind == 'txt' else 'names.json')
@@ -310,8 +310,10 @@ def test_predict_names_from_a_class_map_file(checkpoints, images, tmp_path, caps
         class_map.write_text('\n'.join(names) + '\n')
     elif class_map_kind == 'json_list':
         class_map.write_text(json.dumps(names))
-    else:
+    elif class_map_kind == 'json_class_to_idx':
         class_map.write_text(json.dumps({n: i for i, n in enumerate(names)}))
+    else:  # ImageNet's imagenet_class_index.json layout: {"0": ["n01440764", "tench"], ...}
+        class_map.write_text(json.dumps({str(i): [f'n{i:08d}', n] for i, n in enumerate(names)}))
     _, paths = images
     assert predict.main([str(checkpoints['official']), str(paths[0]), '--class-map', str(class_map)]) == 0
     (got,) = _printed_predictions(capsys.readouterr().out).values()
