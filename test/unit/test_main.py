@@ -267,3 +267,25 @@ def test_invalid_combinations_fail_at_start(argv, message, capsys):
         main.parse_args(full)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_amp_ema_channels_last_per_update_run_then_eval_with_pretrained(shapes_dataset, tmp_path, capsys):
+    code = main.main(['--data_path', str(shapes_dataset), *FAST, '--epochs', '1', '--max-steps-per-epoch', '2',
+                      '--amp', '--model-ema', '--channels-last', '--sched-on-updates', '--output', str(tmp_path),
+                      '--experiment', 'combo'])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert 'backend=native, dtype=torch.bfloat16' in out
+    assert re.search(r'^EMA \* Acc@1 [\d.]+ Acc@5 [\d.]+ Loss [\d.]+ \(images 19\)$', out, re.M)
+    checkpoint = safe_load(tmp_path / 'combo' / 'last.pth.tar')
+    assert set(checkpoint['state_dict_ema']) == set(checkpoint['state_dict'])
+    assert 'amp_scaler' not in checkpoint  # bfloat16 needs no loss scaling
+
+    # The launch scripts evaluate with --pretrained: the models package reads the training checkpoint.
+    code = main.main(['--data_path', str(shapes_dataset), '--img-size', '32', '-b', '8', '-j', '0', '--eval',
+                      '--pretrained', str(tmp_path / 'combo' / 'last.pth.tar')])
+    out = capsys.readouterr().out
+    assert code == 0
+    (top1, _, _, images), = EVAL_END.findall(out)
+    assert int(images) == 19 and float(top1) == pytest.approx(checkpoint['metric'], abs=1e-3)
