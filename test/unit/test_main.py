@@ -290,3 +290,17 @@ def test_amp_ema_channels_last_per_update_run_then_eval_with_pretrained(shapes_d
     assert code == 0
     (top1, _, _, images), = EVAL_END.findall(out)
     assert int(images) == 19 and float(top1) == pytest.approx(checkpoint['metric'], abs=1e-3)
+
+
+def test_eval_resume_auto_without_a_checkpoint_says_where_it_looked(shapes_dataset, tmp_path, capsys):
+    code = main.main(['--data_path', str(shapes_dataset), *FAST, '--eval', '--resume', 'auto',
+                      '--output', str(tmp_path), '--experiment', 'never-trained'])
+    assert code == 2
+    assert 'no checkpoint to evaluate' in capsys.readouterr().err
+
+
+def test_train_folder_without_classes_exits_2(tmp_path, capsys):
+    (tmp_path / 'data' / 'train').mkdir(parents=True)
+    (tmp_path / 'data' / 'val').mkdir()
+    assert main.main(['--data_path', str(tmp_path / 'data'), '--output', str(tmp_path)]) == 2
+    assert 'no class folders' in capsys.readouterr().err
