@@ -21,7 +21,8 @@ batch_size=128            # per device
 lr=1e-3
 drop_path=0.1
 amp=1
-epochs=1
+epochs=1                  # the scripts set their own
+cooldown_epochs=""        # empty: main.py's default (10 epochs at min lr after the cosine)
 device="auto"
 device_id=""              # 1p only; empty: ASCEND_DEVICE_ID from the environment, else 0
 workers=""                # empty: main.py's default
@@ -106,6 +107,7 @@ parse_args() {
             --model) _take_value "$@" && shift; model=$value ;;
             --batch-size|--batch_size|-b) _take_value "$@" && shift; batch_size=$value ;;
             --epochs) _take_value "$@" && shift; epochs=$value ;;
+            --cooldown-epochs) _take_value "$@" && shift; cooldown_epochs=$value ;;
             --lr) _take_value "$@" && shift; lr=$value ;;
             --drop-path) _take_value "$@" && shift; drop_path=$value ;;
             --output) _take_value "$@" && shift; output_root=$value ;;
@@ -135,6 +137,7 @@ _check_args() {
     case $device in auto|npu|cuda|cpu) ;; *) die 2 "--device must be auto, npu, cuda or cpu, got '$device'" ;; esac
     _require_int --batch-size "$batch_size" 1
     _require_int --epochs "$epochs" 1
+    [[ -z $cooldown_epochs ]] || _require_int --cooldown-epochs "$cooldown_epochs" 0
     [[ -z $workers ]] || _require_int --workers "$workers" 0
     if [[ $launch_mode == 1p ]]; then
         (( ${#multi_opts[@]} == 0 )) || die 2 "${multi_opts[0]} is for the 8p scripts; this 1p script runs one process"
@@ -214,6 +217,7 @@ build_command() {
                --drop-path "$drop_path" --epochs "$epochs" --device "$device"
                --output "$output_root" --experiment "$experiment")
     (( amp )) && main_cmd+=(--amp)
+    [[ -n $cooldown_epochs ]] && main_cmd+=(--cooldown-epochs "$cooldown_epochs")
     [[ -n $workers ]] && main_cmd+=(-j "$workers")
     case $run_kind in
         eval) main_cmd+=(--eval --pretrained "$pth_path") ;;
@@ -289,7 +293,9 @@ report() {
     fields+=(ActualLoss "$loss" E2ETrainingTime "$e2e_time")
     write_summary "$summary" "${fields[@]}"
     echo "Summary: $summary"
-    echo "Run dir (checkpoints, summary.csv): $run_dir"
+    # Evaluation writes no run dir.
+    [[ -d $run_dir ]] && echo "Run dir (checkpoints, summary.csv): $run_dir"
+    return 0
 }
 
 # launch <1p|8p> <perf|acc|eval> [script arguments...]: the whole script.

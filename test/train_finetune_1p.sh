@@ -3,5 +3,5 @@
 # Usage and options: bash test/train_finetune_1p.sh --help (shared logic in test/common.sh).
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 pth_required=1
-epochs=30            # fine-tuning needs far fewer epochs than training from scratch
+epochs=30            # fine-tuning needs far fewer epochs than training from scratch (+10 cooldown)
 launch 1p acc "$@"

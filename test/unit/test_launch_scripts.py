@@ -166,7 +166,8 @@ def test_port_defaults_reach_main_py(repo):
     assert call[0] == "main.py"  # run directly, not under torchrun
     assert option(call, "--model") == "van_base" and option(call, "-b") == "128"
     assert option(call, "--lr") == "1e-3" and option(call, "--drop-path") == "0.1"
-    assert option(call, "--epochs") == "1" and option(call, "--device") == "auto"
+    assert option(call, "--epochs") == "1" and option(call, "--cooldown-epochs") == "0"  # one epoch in all
+    assert option(call, "--device") == "auto"
     assert "--amp" in call and "--eval" not in call and "-j" not in call
     assert Path(option(call, "--data_path")) == repo / "data" / "digits"
     assert option(call, "--output") == str(repo / "output" / "train")
@@ -209,7 +210,8 @@ def test_8p_uses_torchrun_and_the_real_process_count(repo):
 def test_8p_default_is_eight_processes_and_multi_node_needs_master(repo):
     assert run_script(repo, "train_full_8p.sh", "--data_path=data/digits").returncode == 0
     assert "--nproc_per_node=8" in main_call(repo)
-    assert option(main_call(repo), "--epochs") == "310"
+    # 300 cosine epochs + main.py's default 10 cooldown epochs: the port's 310.
+    assert option(main_call(repo), "--epochs") == "300" and "--cooldown-epochs" not in main_call(repo)
     result = run_script(repo, "train_full_8p.sh", "--data_path=data/digits", "--nnodes=2")
     assert result.returncode == 2 and "--master_addr" in result.stderr
     (repo.parent / "fake" / "calls.txt").unlink()
