@@ -95,7 +95,7 @@ parse_args() {
         seen_option=1
         case $name in
             --data_path|--data-path) _take_value "$@" && shift; data_path=$value ;;
-            --pth_path|--pth-path|--ckpt_path) _take_value "$@" && shift; pth_path=$value ;;
+            --pth_path|--pth-path|--ckpt_path|--pretrained) _take_value "$@" && shift; pth_path=$value ;;
             --device) _take_value "$@" && shift; device=$value ;;
             --device_id|--device-id) _take_value "$@" && shift; device_id=$value ;;
             --workers|-j) _take_value "$@" && shift; workers=$value ;;
@@ -116,13 +116,16 @@ parse_args() {
             --no-amp) (( has_value )) && die 2 "--no-amp takes no value"; amp=0 ;;
             --eval) die 2 "--eval is chosen by the script: use train_eval_1p.sh / train_eval_8p.sh" ;;
             *)
+                # Unknown to the script: main.py's. Every bare word up to the next option is its
+                # value (some take several, e.g. --scale 0.5 1).
                 if (( has_value )); then
                     extra_args+=("$name=$value")
-                elif (( $# )) && [[ $1 != -* ]]; then
-                    extra_args+=("$name" "$1")
-                    shift
                 else
                     extra_args+=("$name")
+                    while (( $# )) && [[ $1 != -* ]]; do
+                        extra_args+=("$1")
+                        shift
+                    done
                 fi ;;
         esac
     done

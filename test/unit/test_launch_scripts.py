@@ -191,6 +191,16 @@ def test_options_pass_through_and_override_defaults(repo):
     assert (repo.parent / "fake" / "env.txt").read_text().strip() == "CUDA_VISIBLE_DEVICES=5"
 
 
+def test_options_with_several_values_pass_through_whole(repo):
+    result = run_script(repo, "train_performance_1p.sh", "--data_path=data/digits", "--scale", "0.5", "1",
+                        "--mean", "0.5", "0.5", "0.5", "--amp")
+    assert result.returncode == 0, result.stderr
+    call = main_call(repo)
+    assert call[call.index("--scale"):call.index("--scale") + 3] == ["--scale", "0.5", "1"]
+    assert call[call.index("--mean") + 1:call.index("--mean") + 4] == ["0.5"] * 3
+    assert call.count("--amp") == 1
+
+
 def test_short_options_are_understood(repo):
     assert run_script(repo, "train_performance_1p.sh", "--data_path=data/digits", "-b16", "-j", "2").returncode == 0
     call = main_call(repo)
@@ -283,7 +293,7 @@ def test_missing_data_path_falls_back_to_demo_data_and_says_so(repo):
     (["--batch-size=0"], "--batch-size must be an integer >= 1"),
     (["--workers=many"], "--workers must be an integer >= 0"),
     (["--eval"], "--eval is chosen by the script"),
-    (["--img-size", "64", "stray"], "unexpected argument 'stray'"),
+    (["--data_path=data/digits", "stray"], "unexpected argument 'stray'"),
 ])
 def test_bad_arguments_fail_fast_with_one_clear_line(repo, args, message):
     result = run_script(repo, "train_performance_1p.sh", *args)
