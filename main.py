@@ -19,13 +19,12 @@ import models  # noqa: F401  (registers the VAN variants with timm)
 import timm
 from timm.data import resolve_data_config
 from timm.utils import ModelEmaV3, distribute_bn
-from torchvision.datasets.folder import find_classes
 
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, create_precision, parse_loss_scale
 from utils.checkpoint import (CheckpointError, CheckpointSaver, find_resume_checkpoint,
                               read_training_checkpoint)
 from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
-                        build_train_criterion, find_split_dirs)
+                        build_train_criterion, find_class_map, find_split_dirs)
 from utils.device import DEVICE_CHOICES, DeviceError, cleanup_distributed, init_distributed_device
 from utils.engine import NonFiniteLossError, evaluate, set_seed, train_one_epoch
 from utils.logger import setup_logger, update_summary
@@ -282,7 +281,7 @@ def run(args) -> None:
             yaml.safe_dump(plain_args(args), f, sort_keys=True)
 
     train_dir, _ = find_split_dirs(args.data_path)
-    classes, _ = find_classes(train_dir) if os.listdir(train_dir) else ([], None)
+    classes = find_class_map(train_dir)
     num_classes = args.num_classes or len(classes)
     if num_classes < len(classes):
         raise DatasetError(f'--num-classes {num_classes} is smaller than the {len(classes)} class folders '
@@ -298,12 +297,13 @@ def run(args) -> None:
                      color_jitter=args.color_jitter, auto_augment=None if args.aa == 'none' else args.aa,
                      re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
                      interpolation=args.train_interpolation)
-    train_set, val_set, class_to_idx = build_datasets(args.data_path, data_config, train_aug, args.seed)
+    train_set, val_set, class_to_idx = build_datasets(args.data_path, data_config, train_aug, args.seed,
+                                                      with_train=not args.eval)
     train_loader, val_loader = build_loaders(
-        None if args.eval else train_set, val_set, args.batch_size, args.validation_batch_size or args.batch_size,
+        train_set, val_set, args.batch_size, args.validation_batch_size or args.batch_size,
         args.workers, dist_env.rank, dist_env.world_size, args.seed, args.pin_mem)
     logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, '
-                f'{len(train_set)} train / {len(val_set)} val images, input {data_config.input_size}')
+                f'{len(train_set) if train_set else "-"} train / {len(val_set)} val images, input {data_config.input_size}')
 
     model.to(device)
     if args.channels_last:
@@ -327,9 +327,10 @@ def run(args) -> None:
     start_epoch, saver_state = 0, {}
     checkpoint_path, checkpoint = None, None
     if args.resume == 'auto':
-        found = find_resume_checkpoint(run_dir) if run_dir else None
+        search_dir = os.path.join(args.output, args.experiment) if args.eval else run_dir
+        found = find_resume_checkpoint(search_dir)
         if found is None and args.eval:
-            raise CheckpointError(f'no checkpoint to evaluate in {os.path.join(args.output, args.experiment)!r}')
+            raise CheckpointError(f'no checkpoint to evaluate in {search_dir!r}')
         checkpoint_path, checkpoint = found or (None, None)
         if checkpoint is None:
             logger.info(f'--resume auto: no checkpoint in {run_dir}, starting from scratch')
@@ -344,7 +345,9 @@ def run(args) -> None:
                 scheduler.load_state_dict(checkpoint['scheduler'])
             else:
                 logger.info('schedule options differ from the checkpoint\'s: following the new ones')
-        saver_state = dict(history=checkpoint.get('checkpoint_history'),
+        same_dir = run_dir and os.path.abspath(os.path.dirname(checkpoint_path)) == os.path.abspath(run_dir)
+        # The checkpoint-<epoch> files listed in the history exist only in the checkpoint's own run dir.
+        saver_state = dict(history=checkpoint.get('checkpoint_history') if same_dir else None,
                            best=(checkpoint['best_metric'], checkpoint['best_epoch'])
                            if checkpoint.get('best_metric') is not None else None)
         logger.info(f'resumed from {checkpoint_path} (epoch {checkpoint["epoch"]} done)')
