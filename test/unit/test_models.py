@@ -93,7 +93,7 @@ def test_output_shapes_for_any_input_of_at_least_32_pixels(height, width):
 
 def test_every_parameter_receives_a_gradient():
     torch.manual_seed(0)
-    model = timm.create_model('van_b0', num_classes=5, drop_rate=0.1, drop_path_rate=0.1).train()
+    model = timm.create_model('van_b0', num_classes=5).train()
     model(torch.randn(2, 3, 32, 32)).logsumexp(dim=1).sum().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
