@@ -1,0 +1,346 @@
+"""ModelZoo launch scripts (test/*.sh): argument handling, log parsing and the summary files.
+
+The scripts are copied into a temporary repo so their test/output/ lands there, and main.py is
+replaced by a stand-in python (PYTHON=...) that records its command line and prints a log in the
+format main.py writes. The real end-to-end runs on CPU are in .ci/run.
+"""
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = ["common.sh", "env_npu.sh", "train_performance_1p.sh", "train_performance_8p.sh",
+           "train_full_1p.sh", "train_full_8p.sh", "train_eval_1p.sh", "train_eval_8p.sh",
+           "train_finetune_1p.sh"]
+
+# Lines in the exact format of main.py's log (see BRIEF: "Log lines"), two epochs.
+TRAIN_LOG = """\
+Namespace(model='van_b0')
+Train: 0 [   0/  45 (  0%)]  Loss: 2.3100 (2.3100)  Time: 0.912s,  35.09/s  LR: 1.000e-06  Data: 0.210 (0.210)
+Train: 0 [  44/  45 (100%)]  Loss: 2.2500 (2.2800)  Time: 0.512s,  62.50/s  LR: 1.000e-06  Data: 0.010 (0.012)
+Epoch 0 FPS:60.25
+Test: [  11/  12]  Loss: 2.1000 (2.1500)  Acc@1: 20.0000 (18.5000)  Acc@5: 60.0000 (58.0000)
+* Acc@1 18.500 Acc@5 58.000 Loss 2.150 (images 360)
+Train: 1 [   0/  45 (  0%)]  Loss: 1.9000 (1.9000)  Time: 0.500s,  64.00/s  LR: 5.000e-04  Data: 0.010 (0.010)
+Train: 1 [  44/  45 (100%)]  Loss: 1.5432 (1.7000)  Time: 0.490s,  65.30/s  LR: 5.000e-04  Data: 0.010 (0.011)
+Epoch 1 FPS:64.00
+Test: [  11/  12]  Loss: 1.4000 (1.4500)  Acc@1: 60.0000 (55.2780)  Acc@5: 95.0000 (94.1670)
+* Acc@1 55.278 Acc@5 94.167 Loss 1.450 (images 360)
+*** Best metric: 55.278 (epoch 1)
+"""
+EVAL_LOG = """\
+Test: [   0/   3]  Loss: 0.6000 (0.6000)  Acc@1: 84.0000 (84.0000)  Acc@5: 99.0000 (99.0000)
+Test: [   2/   3]  Loss: 0.6200 (0.6100)  Acc@1: 83.0000 (83.5000)  Acc@5: 98.8000 (98.9000)
+* Acc@1 83.500 Acc@5 98.900 Loss 0.610 (images 360)
+"""
+
+FAKE_PYTHON = """#!/bin/bash
+# Stand-in for python: records the call, then prints the prepared log like main.py would.
+printf '%q ' "$@" >> "$FAKE_DIR/calls.txt"; echo >> "$FAKE_DIR/calls.txt"
+echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}" >> "$FAKE_DIR/env.txt"
+[[ $1 == tools/make_demo_data.py ]] && { echo "demo dataset written"; exit 0; }
+cat "$FAKE_DIR/log.txt"
+exit "${FAKE_RC:-0}"
+"""
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A copy of the scripts in a temporary repo, a small ImageFolder and the stand-in python."""
+    root = tmp_path / "repo"
+    (root / "test").mkdir(parents=True)
+    for name in SCRIPTS:
+        shutil.copy(REPO / "test" / name, root / "test" / name)
+    for split in ("train", "val"):
+        (root / "data" / "digits" / split / "0").mkdir(parents=True)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    python = fake / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    (fake / "log.txt").write_text(TRAIN_LOG)
+    (fake / "ckpt.pth.tar").write_bytes(b"checkpoint")
+    return root
+
+
+def run_script(repo, script, *args, cwd=None, log=None, rc=0, env_extra=None):
+    fake = repo.parent / "fake"
+    if log is not None:
+        (fake / "log.txt").write_text(log)
+    env = {k: v for k, v in os.environ.items() if k not in ("ASCEND_DEVICE_ID", "CUDA_VISIBLE_DEVICES")}
+    env.update(PYTHON=str(fake / "python"), FAKE_DIR=str(fake), FAKE_RC=str(rc), **(env_extra or {}))
+    return subprocess.run(["bash", str(repo / "test" / script), *args], cwd=cwd or repo, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def calls(repo):
+    path = repo.parent / "fake" / "calls.txt"
+    return [shlex.split(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def main_call(repo):
+    (call,) = [c for c in calls(repo) if "main.py" in c]
+    return call
+
+
+def option(call, name):
+    return call[call.index(name) + 1]
+
+
+def summary(repo, device_id, case):
+    lines = (repo / "test" / "output" / str(device_id) / f"{case}.log").read_text().splitlines()
+    return [tuple(line.split(" = ", 1)) for line in lines]
+
+
+def common(snippet, *args):
+    """Runs a bash snippet after sourcing common.sh; returns stdout."""
+    result = subprocess.run(["bash", "-c", f'source "{REPO}/test/common.sh"; {snippet}', "bash", *args],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+# --- log parsing ---------------------------------------------------------------------------------
+
+def test_parse_functions_read_the_main_py_log_lines(tmp_path):
+    log = tmp_path / "train_0.log"
+    log.write_text(TRAIN_LOG)
+    assert common('parse_fps "$1"', log).strip() == "64.00"  # the last epoch's value
+    assert common('parse_losses "$1"', log).split() == ["2.3100", "2.2500", "1.9000", "1.5432"]
+    assert common('parse_best_top1 "$1"', log).strip() == "55.278"
+    assert common('parse_eval_top1 "$1"', log).strip() == "55.278"
+    assert common('parse_eval_loss "$1"', log).strip() == "1.450"
+
+
+def test_parse_functions_ignore_prefixes_and_report_absence(tmp_path):
+    log = tmp_path / "train_0.log"
+    # A logger may prefix the lines; Test lines carry "Loss:" too but are not training losses.
+    log.write_text("2026-01-01 INFO Train: 0 [   9/  10 ( 90%)]  Loss: 0.5000 (0.6000)  LR: 1.0e-3\n"
+                   "INFO Test: [   0/   1]  Loss: 9.0000 (9.0000)  Acc@1: 1.0 (1.0)  Acc@5: 2.0 (2.0)\n"
+                   "INFO Epoch 0 FPS:12.5\n")
+    assert common('parse_fps "$1"', log).strip() == "12.5"
+    assert common('parse_losses "$1"', log).split() == ["0.5000"]
+    empty = tmp_path / "empty.log"
+    empty.write_text("Traceback (most recent call last):\n")
+    for function in ("parse_fps", "parse_best_top1", "parse_eval_top1", "parse_losses"):
+        assert common(f'{function} "$1"', empty) == ""
+
+
+def test_step_time_is_per_device_batch_times_ranks_over_global_fps():
+    assert common("step_time_ms 128 8 2184").strip() == f"{128 * 8 * 1000 / 2184:.2f}"
+    assert common("step_time_ms 32 1 64").strip() == "500.00"
+
+
+# --- whole scripts with the stand-in trainer -----------------------------------------------------
+
+def test_performance_1p_writes_the_modelzoo_summary_in_order(repo):
+    result = run_script(repo, "train_performance_1p.sh", "--data_path=data/digits", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    assert "------------------ Final result ------------------" in result.stdout
+    assert "Final Performance images/sec : 64.00" in result.stdout
+    assert "E2E Training Duration sec : " in result.stdout
+    case = "VAN_Classification_bs128_1p_perf"
+    fields = summary(repo, 0, case)
+    assert [k for k, _ in fields] == ["Network", "RankSize", "BatchSize", "DeviceType", "CaseName",
+                                      "ActualFPS", "TrainingTime", "ActualLoss", "E2ETrainingTime"]
+    values = dict(fields)
+    assert values["Network"] == "VAN_Classification"
+    assert values["RankSize"] == "1" and values["BatchSize"] == "128" and values["CaseName"] == case
+    assert values["DeviceType"] == os.uname().machine
+    assert values["ActualFPS"] == "64.00" and values["TrainingTime"] == "2000.00"
+    assert values["ActualLoss"] == "1.5432"
+    assert int(values["E2ETrainingTime"]) >= 0
+    loss_file = repo / "test" / "output" / "0" / f"train_{case}_loss.txt"
+    assert loss_file.read_text().split() == ["2.3100", "2.2500", "1.9000", "1.5432"]
+    assert (repo / "test" / "output" / "0" / "train_0.log").read_text() == TRAIN_LOG
+
+
+def test_port_defaults_reach_main_py(repo):
+    assert run_script(repo, "train_performance_1p.sh", "--data_path=data/digits").returncode == 0
+    call = main_call(repo)
+    assert call[0] == "main.py"  # run directly, not under torchrun
+    assert option(call, "--model") == "van_base" and option(call, "-b") == "128"
+    assert option(call, "--lr") == "1e-3" and option(call, "--drop-path") == "0.1"
+    assert option(call, "--epochs") == "1" and option(call, "--cooldown-epochs") == "0"  # one epoch in all
+    assert option(call, "--device") == "auto"
+    assert "--amp" in call and "--eval" not in call and "-j" not in call
+    assert Path(option(call, "--data_path")) == repo / "data" / "digits"
+    assert option(call, "--output") == str(repo / "output" / "train")
+    assert option(call, "--experiment").startswith("VAN_Classification_bs128_1p_perf-")
+
+
+def test_options_pass_through_and_override_defaults(repo):
+    result = run_script(repo, "train_full_1p.sh", "--data_path", "data/digits", "--model=van_b0",
+                        "--batch-size", "32", "--img-size=64", "--channels-last", "--workers=3",
+                        "--epochs=2", "--no-amp", "--max-steps-per-epoch", "5", "--device_id=5")
+    assert result.returncode == 0, result.stderr
+    call = main_call(repo)
+    assert option(call, "--model") == "van_b0" and option(call, "-b") == "32"
+    assert option(call, "-j") == "3" and option(call, "--epochs") == "2"
+    assert "--img-size=64" in call and "--channels-last" in call and "--amp" not in call
+    assert option(call, "--max-steps-per-epoch") == "5"
+    # --device_id picks the output folder and the physical device; the case is an accuracy run.
+    values = dict(summary(repo, 5, "VAN_Classification_bs32_1p_acc"))
+    assert values["TrainAccuracy"] == "55.278" and values["BatchSize"] == "32"
+    assert "Final Train Accuracy : 55.278" in result.stdout
+    assert (repo.parent / "fake" / "env.txt").read_text().strip() == "CUDA_VISIBLE_DEVICES=5"
+
+
+def test_options_with_several_values_pass_through_whole(repo):
+    result = run_script(repo, "train_performance_1p.sh", "--data_path=data/digits", "--scale", "0.5", "1",
+                        "--mean", "0.5", "0.5", "0.5", "--amp")
+    assert result.returncode == 0, result.stderr
+    call = main_call(repo)
+    assert call[call.index("--scale"):call.index("--scale") + 3] == ["--scale", "0.5", "1"]
+    assert call[call.index("--mean") + 1:call.index("--mean") + 4] == ["0.5"] * 3
+    assert call.count("--amp") == 1
+
+
+def test_short_options_are_understood(repo):
+    assert run_script(repo, "train_performance_1p.sh", "--data_path=data/digits", "-b16", "-j", "2").returncode == 0
+    call = main_call(repo)
+    assert option(call, "-b") == "16" and option(call, "-j") == "2" and call.count("-b") == 1
+    assert (repo / "test" / "output" / "0" / "VAN_Classification_bs16_1p_perf.log").exists()
+
+
+def test_8p_uses_torchrun_and_the_real_process_count(repo):
+    result = run_script(repo, "train_performance_8p.sh", "--data_path=data/digits", "--nproc=2", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    call = main_call(repo)
+    assert call[:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "main.py"]
+    values = dict(summary(repo, 0, "VAN_Classification_bs128_2p_perf"))
+    assert values["RankSize"] == "2" and values["TrainingTime"] == f"{128 * 2 * 1000 / 64:.2f}"
+
+
+def test_8p_default_is_eight_processes_and_multi_node_needs_master(repo):
+    assert run_script(repo, "train_full_8p.sh", "--data_path=data/digits").returncode == 0
+    assert "--nproc_per_node=8" in main_call(repo)
+    # 300 cosine epochs + main.py's default 10 cooldown epochs: the port's 310.
+    assert option(main_call(repo), "--epochs") == "300" and "--cooldown-epochs" not in main_call(repo)
+    result = run_script(repo, "train_full_8p.sh", "--data_path=data/digits", "--nnodes=2")
+    assert result.returncode == 2 and "--master_addr" in result.stderr
+    (repo.parent / "fake" / "calls.txt").unlink()
+    result = run_script(repo, "train_full_8p.sh", "--data_path=data/digits", "--nnodes=2", "--node_rank=1",
+                        "--master_addr=node0", "--master_port=29600")
+    assert result.returncode == 0, result.stderr
+    call = main_call(repo)
+    assert "--nnodes=2" in call and "--node_rank=1" in call and "--master_addr=node0" in call
+    assert "--standalone" not in call
+    assert (repo / "test" / "output" / "0" / "VAN_Classification_bs128_16p_acc.log").exists()
+
+
+def test_eval_8p_takes_positional_data_and_checkpoint(repo):
+    ckpt = repo.parent / "fake" / "ckpt.pth.tar"
+    result = run_script(repo, "train_eval_8p.sh", "data/digits", str(ckpt), "--nproc=1", log=EVAL_LOG)
+    assert result.returncode == 0, result.stderr
+    call = main_call(repo)
+    assert "--eval" in call and option(call, "--pretrained") == str(ckpt)
+    assert "Final Train Accuracy : 83.500" in result.stdout
+    assert "Final Performance" not in result.stdout  # evaluation measures no training speed
+    fields = summary(repo, 0, "VAN_Classification_bs128_1p_acc")
+    assert [k for k, _ in fields] == ["Network", "RankSize", "BatchSize", "DeviceType", "CaseName",
+                                      "TrainAccuracy", "ActualLoss", "E2ETrainingTime"]
+    assert dict(fields)["ActualLoss"] == "0.610"
+
+
+def test_eval_and_finetune_accept_pth_path_option(repo):
+    ckpt = repo.parent / "fake" / "ckpt.pth.tar"
+    result = run_script(repo, "train_eval_1p.sh", "--data_path=data/digits", f"--pth_path={ckpt}", log=EVAL_LOG)
+    assert result.returncode == 0, result.stderr
+    (repo.parent / "fake" / "calls.txt").unlink()
+    result = run_script(repo, "train_finetune_1p.sh", "--data_path=data/digits", f"--pth_path={ckpt}",
+                        log=TRAIN_LOG)
+    assert result.returncode == 0, result.stderr
+    call = main_call(repo)
+    assert option(call, "--pretrained") == str(ckpt) and "--eval" not in call
+
+
+def test_scripts_work_from_inside_test_dir_with_relative_paths(repo):
+    result = run_script(repo, "train_performance_1p.sh", "--data_path=../data/digits", cwd=repo / "test")
+    assert result.returncode == 0, result.stderr
+    assert Path(option(main_call(repo), "--data_path")).resolve() == repo / "data" / "digits"
+    assert (repo / "test" / "output" / "0" / "VAN_Classification_bs128_1p_perf.log").exists()
+
+
+def test_output_dir_is_recreated_per_run(repo):
+    stale = repo / "test" / "output" / "0" / "stale.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old run")
+    assert run_script(repo, "train_performance_1p.sh", "--data_path=data/digits").returncode == 0
+    assert not stale.exists()
+
+
+def test_missing_data_path_falls_back_to_demo_data_and_says_so(repo):
+    result = run_script(repo, "train_performance_1p.sh")
+    assert result.returncode == 0, result.stderr
+    assert "No --data_path given: using the demo dataset" in result.stdout
+    demo = str(repo / "data" / "demo")
+    assert calls(repo)[0] == ["tools/make_demo_data.py", "--out", demo]
+    assert option(main_call(repo), "--data_path") == demo
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data_path=/no/such/dir"], "--data_path=/no/such/dir is not a directory"),
+    (["--data_path="], "--data_path= is empty"),
+    (["--data_path"], "--data_path needs a value"),
+    (["--device=tpu"], "--device must be auto, npu, cuda or cpu"),
+    (["--nproc=2"], "--nproc is for the 8p scripts"),
+    (["--batch-size=0"], "--batch-size must be an integer >= 1"),
+    (["--workers=many"], "--workers must be an integer >= 0"),
+    (["--eval"], "--eval is chosen by the script"),
+    (["--data_path=data/digits", "stray"], "unexpected argument 'stray'"),
+])
+def test_bad_arguments_fail_fast_with_one_clear_line(repo, args, message):
+    result = run_script(repo, "train_performance_1p.sh", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert calls(repo) == []  # nothing was started
+    assert not (repo / "test" / "output").exists()
+
+
+def test_data_path_without_val_split_is_rejected(repo):
+    shutil.rmtree(repo / "data" / "digits" / "val")
+    result = run_script(repo, "train_full_1p.sh", "--data_path=data/digits")
+    assert result.returncode == 2 and "has no val/ folder" in result.stderr
+
+
+def test_eval_without_checkpoint_or_with_missing_one_fails(repo):
+    result = run_script(repo, "train_eval_8p.sh", "data/digits")
+    assert result.returncode == 2 and "--pth_path=FILE is required" in result.stderr
+    result = run_script(repo, "train_finetune_1p.sh", "--data_path=data/digits", "--pth_path=nope.pth")
+    assert result.returncode == 2 and "nope.pth is not a file" in result.stderr
+
+
+def test_8p_rejects_device_id(repo):
+    result = run_script(repo, "train_performance_8p.sh", "--device_id=1")
+    assert result.returncode == 2 and "--device_id is for the 1p scripts" in result.stderr
+
+
+def test_failed_training_exits_nonzero_without_summary(repo):
+    result = run_script(repo, "train_performance_1p.sh", "--data_path=data/digits",
+                        log="Traceback (most recent call last):\nRuntimeError: boom\n", rc=1)
+    assert result.returncode != 0
+    assert "main.py exited with status 1" in result.stderr and "train_0.log" in result.stderr
+    out = repo / "test" / "output" / "0"
+    assert (out / "train_0.log").exists()
+    assert not list(out.glob("VAN_Classification_*.log"))
+
+
+def test_training_that_logs_no_epoch_fails_instead_of_empty_summary(repo):
+    result = run_script(repo, "train_performance_1p.sh", "--data_path=data/digits", log="nothing useful\n")
+    assert result.returncode != 0 and "no 'FPS:' line" in result.stderr
+    assert not list((repo / "test" / "output" / "0").glob("VAN_Classification_*.log"))
+
+
+def test_env_npu_is_harmless_without_cann():
+    result = subprocess.run(["bash", "-c", f'source "{REPO}/test/env_npu.sh"; echo "autoload=$TORCH_DEVICE_BACKEND_AUTOLOAD"'],
+                            capture_output=True, text=True, timeout=30,
+                            env={k: v for k, v in os.environ.items() if k != "TORCH_DEVICE_BACKEND_AUTOLOAD"})
+    if Path("/usr/local/Ascend").exists() or Path("/etc/Ascend").exists():
+        pytest.skip("this machine has CANN installed")
+    assert result.returncode == 0 and "autoload=0" in result.stdout
