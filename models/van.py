@@ -257,6 +257,10 @@ class VAN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final feature map (N, C4, H/32, W/32), after the last stage's LayerNorm."""
+        if self.lka_impl == 'fast' and x.device.type == 'cpu':
+            # On CPU the whole network runs faster in channels_last (measured; models/fast_conv.py),
+            # and every layer keeps that format to the end, so convert once here.
+            x = x.contiguous(memory_format=torch.channels_last)
         for i in range(1, self.num_stages + 1):
             x = getattr(self, f'patch_embed{i}')(x)
             blocks = getattr(self, f'block{i}')
