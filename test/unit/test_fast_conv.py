@@ -103,6 +103,7 @@ def test_state_dict_names_are_conv2d_names():
     assert list(fast.state_dict()) == list(nn.Conv2d(8, 8, 7, padding=9, dilation=3, groups=8).state_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
 def test_whole_model_fast_equals_plain(channels_last):
     """van_b0 with the fast path: same state-dict names, same logits and same gradients."""
