@@ -7,8 +7,9 @@ that timm-style training scripts store as 'args'), so a file cannot run code whi
 `extract_state_dict` turns every format users bring into a state dict with the reference names:
 the official release `{'state_dict': ...}`, a plain state dict, training checkpoints (this repo's,
 the reference's, the Ascend port's) with optimizer state and `module.` prefixes, and HuggingFace
-transformers `VanForImageClassification` files. `load_pretrained` puts one into a model, keeping or
-re-initialising the head by class count and naming the variant when the file does not fit.
+transformers `VanForImageClassification` files. `load_weights` (`load_pretrained` for a file) puts
+one into a model, keeping or re-initialising the head by class count and naming the variant when
+the weights do not fit.
 """
 import argparse
 import logging
@@ -16,14 +17,14 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .van import ALIASES, VARIANTS
 
-__all__ = ['UnsafeFileError', 'safe_load', 'extract_state_dict', 'load_pretrained', 'guess_variant']
+__all__ = ['UnsafeFileError', 'safe_load', 'extract_state_dict', 'load_pretrained', 'load_weights', 'guess_variant']
 
 _logger = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ def safe_load(path: PathLike) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f'{path} is not a readable safetensors file ({e})') from e
 
+    with open(path, 'rb') as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive ('PK'); older torch and plain pickles start with the PROTO opcode.
+    if not (magic == b'PK' or magic[:1] == b'\x80'):
+        raise ValueError(f'{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)')
     try:
         if _safe_globals_context is None:
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -100,31 +106,37 @@ def safe_load(path: PathLike) -> Any:
 # Format normalisation
 # ---------------------------------------------------------------------------------------------
 # HuggingFace transformers (models/deprecated/van) name -> reference name, within stage s (0-based)
-# and layer j. Patterns are anchored so `depth_wise.` and `depth_wise_dilated.` cannot be confused.
+# and layer j. Every prefix ends at a '.' or is a whole name, so `depth_wise.` never matches
+# `depth_wise_dilated.`.
 _HF_LAYER_RENAMES = (
-    (r'pre_normomalization\.', 'norm1.'),  # (sic) transformers' spelling
-    (r'attention\.pre_projection\.conv\.', 'attn.proj_1.'),
-    (r'attention\.attention_layer\.attention\.depth_wise\.', 'attn.spatial_gating_unit.conv0.'),
-    (r'attention\.attention_layer\.attention\.depth_wise_dilated\.', 'attn.spatial_gating_unit.conv_spatial.'),
-    (r'attention\.attention_layer\.attention\.point_wise\.', 'attn.spatial_gating_unit.conv1.'),
-    (r'attention\.post_projection\.', 'attn.proj_2.'),
-    (r'attention_scaling\.weight', 'layer_scale_1'),
-    (r'post_normalization\.', 'norm2.'),
-    (r'mlp\.in_dense\.', 'mlp.fc1.'),
-    (r'mlp\.depth_wise\.', 'mlp.dwconv.dwconv.'),
-    (r'mlp\.out_dense\.', 'mlp.fc2.'),
-    (r'mlp_scaling\.weight', 'layer_scale_2'),
+    ('pre_normomalization.', 'norm1.'),  # (sic) transformers' spelling
+    ('attention.pre_projection.conv.', 'attn.proj_1.'),
+    ('attention.attention_layer.attention.depth_wise.', 'attn.spatial_gating_unit.conv0.'),
+    ('attention.attention_layer.attention.depth_wise_dilated.', 'attn.spatial_gating_unit.conv_spatial.'),
+    ('attention.attention_layer.attention.point_wise.', 'attn.spatial_gating_unit.conv1.'),
+    ('attention.post_projection.', 'attn.proj_2.'),
+    ('attention_scaling.weight', 'layer_scale_1'),
+    ('post_normalization.', 'norm2.'),
+    ('mlp.in_dense.', 'mlp.fc1.'),
+    ('mlp.depth_wise.', 'mlp.dwconv.dwconv.'),
+    ('mlp.out_dense.', 'mlp.fc2.'),
+    ('mlp_scaling.weight', 'layer_scale_2'),
 )
-_HF_STAGE = re.compile(r'^van\.encoder\.stages\.(\d+)\.(.*)$')
+_HF_STAGE = re.compile(r'^encoder\.stages\.(\d+)\.(.*)$')
 _HF_LAYER = re.compile(r'^layers\.(\d+)\.(.*)$')
 
 
 def _hf_to_reference_name(name: str) -> Optional[str]:
-    """Reference name of a transformers VAN tensor; None for tensors the model does not use."""
-    if name.startswith('van.layernorm.'):
-        return None  # transformers creates this norm but its forward never applies it
+    """Reference name of a transformers VAN tensor; None for tensors the model does not use.
+
+    VanForImageClassification prefixes the backbone with `van.`; a bare VanModel does not.
+    """
     if name.startswith('classifier.'):
         return 'head.' + name[len('classifier.'):]
+    if name.startswith('van.'):
+        name = name[len('van.'):]
+    if name.startswith('layernorm.'):
+        return None  # transformers creates this norm but its forward never applies it
     stage = _HF_STAGE.match(name)
     if not stage:
         return name  # unknown: kept, so the mismatch report shows it
@@ -137,9 +149,9 @@ def _hf_to_reference_name(name: str) -> Optional[str]:
     layer = _HF_LAYER.match(rest)
     if layer:
         j, tail = layer.groups()
-        for pattern, replacement in _HF_LAYER_RENAMES:
-            if re.match(pattern + ('$' if pattern.endswith('weight') else ''), tail):
-                return f'block{i}.{j}.' + re.sub('^' + pattern, replacement, tail)
+        for hf_prefix, ref_prefix in _HF_LAYER_RENAMES:
+            if tail.startswith(hf_prefix):
+                return f'block{i}.{j}.{ref_prefix}{tail[len(hf_prefix):]}'
     return name
 
 
@@ -168,10 +180,15 @@ def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str,
         raise ValueError(f'{source} holds no model weights: expected a state dict or a dict with one of '
                          f'{", ".join(_STATE_DICT_KEYS)}; found {keys}')
 
-    # DDP / DataParallel saves prefix every name with `module.`.
-    if all(k.startswith('module.') for k in state_dict):
-        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
-    if any(k.startswith('van.encoder.') for k in state_dict):
+    # DDP / DataParallel saves prefix every name with `module.`, torch.compile'd models with `_orig_mod.`.
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in ('module.', '_orig_mod.'):
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                stripped = True
+    if any(k.startswith(('van.encoder.stages.', 'encoder.stages.')) for k in state_dict):
         renamed = {}
         for k, v in state_dict.items():
             new_name = _hf_to_reference_name(k)
@@ -192,7 +209,9 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
             dim = state_dict[f'norm{i}.weight'].shape[0]
             depth = len({int(k.split('.')[1]) for k in state_dict if k.startswith(f'block{i}.')})
             hidden = state_dict[f'block{i}.0.mlp.fc1.weight'].shape[0]
-            dims.append(dim), depths.append(depth), ratios.append(hidden / dim)
+            dims.append(dim)
+            depths.append(depth)
+            ratios.append(hidden / dim)
     except (KeyError, IndexError, ValueError):
         return None
     for name, cfg in VARIANTS.items():
@@ -212,14 +231,22 @@ def _variant_label(variant: str) -> str:
 
 
 def load_pretrained(model: nn.Module, path: PathLike, variant: str) -> None:
-    """Load the weights in `path` into `model`, a VAN built as `variant`.
+    """Load the weights in the file `path` into `model`, a VAN built as `variant`.
+
+    See `load_weights` for the rules; `safe_load` for unreadable or unsafe files.
+    """
+    load_weights(model, safe_load(path), variant, source=str(path))
+
+
+def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 'the weights') -> None:
+    """Load a checkpoint or state dict of any supported format into `model`, a VAN built as `variant`.
 
     The backbone must match exactly (names and shapes). The head is loaded when its shape matches the
     model's; otherwise the model keeps its freshly initialised head and one log line says so.
-    Raises ValueError naming `variant` and the first mismatching keys when the file is another
-    variant or another architecture; see `safe_load` for unreadable or unsafe files.
+    Raises ValueError naming `variant` and the first mismatching keys when `source` holds another
+    variant or another architecture.
     """
-    state_dict = extract_state_dict(safe_load(path), source=str(path))
+    state_dict = extract_state_dict(checkpoint, source=source)
     target = model.state_dict()
 
     file_head = {k: state_dict.pop(k) for k in HEAD_KEYS if k in state_dict}
@@ -239,7 +266,7 @@ def load_pretrained(model: nn.Module, path: PathLike, variant: str) -> None:
         looks_like = f'it looks like {guessed} weights' if guessed else 'it does not look like a VAN of the table'
         problems = [f'{label}: {_describe(names)}' for label, names in (
             ('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', wrong_shape)) if names]
-        raise ValueError(f'{path} does not fit {_variant_label(variant)} ({looks_like}); ' + '; '.join(problems) +
+        raise ValueError(f'{source} does not fit {_variant_label(variant)} ({looks_like}); ' + '; '.join(problems) +
                          '. Choose the model that matches the file, or a file of the chosen model.')
 
     head_fits = bool(model_head) and set(file_head) == set(model_head) and all(
@@ -248,6 +275,6 @@ def load_pretrained(model: nn.Module, path: PathLike, variant: str) -> None:
         state_dict.update(file_head)
     elif model_head or file_head:
         file_classes = file_head['head.weight'].shape[0] if 'head.weight' in file_head else 0
-        _logger.info(f'{path} has a head for {file_classes} classes, the model {getattr(model, "num_classes", 0)}: '
+        _logger.info(f'{source}: head for {file_classes} classes, model for {getattr(model, "num_classes", 0)}; '
                      f'keeping a freshly initialised head')
     model.load_state_dict({**state_dict, **({} if head_fits else model_head)}, strict=True)
