@@ -129,3 +129,12 @@ def test_whole_model_fast_equals_plain(channels_last):
 
 def test_auto_resolves_to_fast():
     assert timm.create_model('van_b0', lka_impl='auto').lka_impl == 'fast'
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 14, 14), (3, 2, 7, 7), (2, 3, 5, 8)], ids=lambda s: 'x'.join(map(str, s)))
+def test_inference_route_matches_conv2d(shape):
+    """Without gradients small maps take the polyphase route too; the result is the same."""
+    ref, fast = _pair(shape[1], 7, 3, torch.float32)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-4)
