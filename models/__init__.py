@@ -15,12 +15,17 @@ from functools import partial
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from .van import ALIASES, VAN, VARIANTS, lka_impls, register_lka_impl, resolve_lka_impl
+from .fast_conv import FastConv2d
 from .weights import UnsafeFileError, load_pretrained, load_weights, safe_load
 
 __all__ = ['VAN', 'VARIANTS', 'ALIASES', 'MODEL_NAMES', 'UnsafeFileError', 'safe_load', 'load_pretrained', 'load_weights',
            'lka_impls', 'register_lka_impl', 'resolve_lka_impl']
 
 MODEL_NAMES = (*VARIANTS, *ALIASES)
+
+# 'auto' = 'fast': measured faster on CPU (tools/benchmark.py, README), and identical to nn.Conv2d
+# on CUDA/NPU, where FastConv2d runs the vendor kernels itself.
+register_lka_impl('fast', FastConv2d, use_for_auto=True)
 
 
 def _cfg(**kwargs):

@@ -78,7 +78,14 @@ class OverlapPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=patch_size // 2)
         self.norm = nn.BatchNorm2d(embed_dim)
 
+    # Set on the first embedding of a 'fast' model: on CPU the whole network runs faster in
+    # channels_last (measured; models/fast_conv.py) and every layer keeps that format, so the input
+    # is converted once, here, where timm's feature extractor passes too.
+    channels_last_on_cpu = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last_on_cpu and x.device.type == 'cpu':
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.norm(self.proj(x))
 
 
@@ -230,6 +237,7 @@ class VAN(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'norm{i}'))
             prev_dim, first_block = dim, first_block + depth
 
+        self.patch_embed1.channels_last_on_cpu = self.lka_impl == 'fast'
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
 

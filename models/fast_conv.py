@@ -1,0 +1,206 @@
+"""Fast depthwise convolutions for VAN's LKA and MLP, exact replacements for nn.Conv2d.
+
+`FastConv2d` subclasses nn.Conv2d (parameters stay `weight`/`bias`, so every checkpoint loads) and
+computes what nn.Conv2d computes; it only changes *how* on devices where PyTorch's own kernels
+are slow. Where a shape is not a stride-1 'same' depthwise conv, or the device is not a CPU, it
+runs nn.Conv2d's own forward (cuDNN on CUDA is already fast; we never replace it unmeasured).
+
+On CPU, three things make the depthwise convs of VAN slow in stock PyTorch (oneDNN):
+- a dilated depthwise conv has no fast kernel, and in channels_last it is slower still;
+- the NCHW backward of dense depthwise convs is many times slower than the channels_last one;
+- kernel taps whose offset exceeds the map (the 7x7 dilation-3 kernel on a 7x7 map) are
+  computed over zero padding for nothing.
+
+The remedies, all exact (the same products, summed in a different order):
+- polyphase split: a conv with dilation d and 'same' padding d*r only ever combines pixels of the
+  same residue (row mod d, col mod d). Splitting the input into its d*d phases, folding them into
+  the batch and running a *dense* conv with padding r gives every output phase; interleaving the
+  phases back gives the output. Dense depthwise convs have fast kernels.
+- dead-tap cropping: taps whose offset is at least the map size only ever see padding; they are
+  cut from the kernel (their weight gradient is exactly zero, as in nn.Conv2d).
+- a hand-written backward for the dilated conv: the input gradient is a forward depthwise conv of
+  the output gradient with the flipped kernel (polyphase-split too), and only the weight gradient
+  is left to oneDNN.
+- channels_last for dense depthwise convs, whose NCHW backward is many times slower.
+
+The choices were measured on the 2-core AMD EPYC (AVX2) CPU this repository is developed on; the
+decision table is next to `_POLYPHASE_MIN_AREA`.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['FastConv2d', 'depthwise_conv2d', 'polyphase_split', 'polyphase_merge']
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored that way (and is not also plain contiguous), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _phase_len(size: int, phase: int, d: int) -> int:
+    return -(-(size - phase) // d)
+
+
+def polyphase_split(x: torch.Tensor, d: int) -> torch.Tensor:
+    """(N, C, H, W) -> (d*d*N, C, ceil(H/d), ceil(W/d)): phase (a, b) = x[..., a::d, b::d], zero-filled.
+
+    Phases shorter than ceil(H/d) are padded with zeros at their end, which is exactly the
+    conv's zero padding there. The result keeps x's memory format.
+    """
+    n, c, h, w = x.shape
+    hq, wq = -(-h // d), -(-w // d)
+    out = torch.zeros((d * d * n, c, hq, wq), dtype=x.dtype, device=x.device).contiguous(
+        memory_format=_memory_format(x))
+    phases = out.unflatten(0, (d, d, n))
+    for a in range(d):
+        for b in range(d):
+            phases[a, b, :, :, :_phase_len(h, a, d), :_phase_len(w, b, d)].copy_(x[:, :, a::d, b::d])
+    return out
+
+
+def polyphase_merge(y: torch.Tensor, size: Tuple[int, int], d: int) -> torch.Tensor:
+    """Inverse of `polyphase_split`: interleave the d*d phases of y back into an (N, C, H, W) map."""
+    h, w = size
+    n = y.shape[0] // (d * d)
+    out = torch.empty((n, y.shape[1], h, w), dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+    phases = y.unflatten(0, (d, d, n))
+    for a in range(d):
+        for b in range(d):
+            out[:, :, a::d, b::d].copy_(phases[a, b, :, :, :_phase_len(h, a, d), :_phase_len(w, b, d)])
+    return out
+
+
+def _live_radius(radius: int, size: int, d: int) -> int:
+    """Largest tap radius whose offset d*r still reaches inside a map of `size` (others see padding only)."""
+    return min(radius, (size - 1) // d)
+
+
+def _weight_grad(x, grad, weight_shape, padding, dilation):
+    """oneDNN's depthwise weight gradient alone (the input gradient is computed as a forward conv)."""
+    w = torch.empty(weight_shape, dtype=x.dtype, device=x.device)
+    return torch.ops.aten.convolution_backward(
+        grad, x, w, None, [1, 1], list(padding), [dilation, dilation], False, [0, 0], x.shape[1],
+        [False, True, False])[1]
+
+
+# Decision table, measured on the 2-core AMD EPYC (AVX2), torch 2.14.1, van_b0 shapes at batch 32,
+# forward/backward ms, median of interleaved repeats (the machine was shared, so ratios matter more
+# than absolute values):
+#   7x7 dilation-3 depthwise   NCHW native   channels_last native   polyphase (CL)   NCHW, ours
+#     32ch 56x56                210/2395      448/3548               91/300           199/2197
+#     64ch 28x28                167/5958      270/4338               93/342           189/4337
+#     160ch 14x14               108/300       240/618                337/683          113/232
+#     256ch 7x7                 76/220        150/308                232/504          70/160 (5x5 live)
+#   dense 5x5 / 3x3 depthwise: channels_last native beats NCHW native at every shape (e.g. 5x5 64ch
+#     28x28: 40/160 vs 23/10400; 3x3 512ch 28x28: 194/546 vs 534/1203), and a hand-written backward
+#     did not beat channels_last's (3x3 512ch 28x28: 197/660).
+# Forward only (inference), the polyphase route wins everywhere: 160ch 14x14 5.0 vs 27.3 ms NCHW,
+# 256ch 7x7 2.7 vs 16.5 ms.
+# So: polyphase for dilated convs on maps of at least _POLYPHASE_MIN_AREA pixels or without
+# gradients, otherwise the dilated conv in NCHW with dead taps cut; dense depthwise convs always in
+# channels_last.
+_POLYPHASE_MIN_AREA = 20 * 20
+
+
+class _DilatedDepthwiseConv(torch.autograd.Function):
+    """Stride-1 'same' depthwise conv with dilation > 1: polyphase or dead-tap-cropped, own backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation, polyphase):
+        n, c, h, w = x.shape
+        kh, kw = weight.shape[-2:]
+        rh = _live_radius(kh // 2, h, dilation)
+        rw = _live_radius(kw // 2, w, dilation)
+        live = weight[:, :, kh // 2 - rh:kh // 2 + rh + 1, kw // 2 - rw:kw // 2 + rw + 1]
+        if polyphase:
+            # Dense convs are fastest in channels_last; the phases are folded into the batch.
+            xs = polyphase_split(x.contiguous(memory_format=torch.channels_last), dilation)
+            d, pad = 1, (rh, rw)
+            y = polyphase_merge(F.conv2d(xs, live, bias, 1, pad, 1, c), (h, w), dilation)
+        else:
+            # Small maps: oneDNN's NCHW dilated kernel wins; channels_last is twice as slow here.
+            xs = x.contiguous()
+            d, pad = dilation, (dilation * rh, dilation * rw)
+            y = F.conv2d(xs, live, bias, 1, pad, d, c)
+        ctx.save_for_backward(xs, live)
+        ctx.meta = (polyphase, dilation, d, pad, (rh, rw), (kh, kw), (h, w), _memory_format(x))
+        return y.contiguous(memory_format=ctx.meta[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, live = ctx.saved_tensors
+        polyphase, dilation, d, pad, (rh, rw), (kh, kw), size, memory_format = ctx.meta
+        c = xs.shape[1]
+        if polyphase:
+            grad = grad.contiguous(memory_format=torch.channels_last)
+            gs = polyphase_split(grad, dilation)
+        else:
+            grad = grad.contiguous()
+            gs = grad
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # d(conv)/dx is the conv of the output gradient with the flipped kernel: a forward conv,
+            # which oneDNN runs much faster than its own backward-data kernel for these shapes.
+            gx = F.conv2d(gs, live.flip(-1, -2), None, 1, pad, d, c)
+            if polyphase:
+                gx = polyphase_merge(gx, size, dilation)
+            grad_x = gx.contiguous(memory_format=memory_format)
+        if ctx.needs_input_grad[1]:
+            gw_live = _weight_grad(xs, gs, live.shape, pad, d)
+            if (rh, rw) == (kh // 2, kw // 2):
+                grad_w = gw_live
+            else:  # cut taps only ever multiplied zero padding: their gradient is exactly zero
+                grad_w = gw_live.new_zeros((c, 1, kh, kw))
+                grad_w[:, :, kh // 2 - rh:kh // 2 + rh + 1, kw // 2 - rw:kw // 2 + rw + 1] = gw_live
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, dilation: int) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, 1, dilation * (k // 2), dilation, C) for a depthwise weight (C, 1, k, k).
+
+    The result has x's memory format; only the route differs (see the decision table above).
+    """
+    if dilation > 1:
+        # Without gradients only the forward counts, and the polyphase forward wins at every size.
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias))
+        polyphase = x.shape[2] * x.shape[3] >= _POLYPHASE_MIN_AREA or not needs_grad
+        return _DilatedDepthwiseConv.apply(x, weight, bias, dilation, polyphase)
+    # Dense depthwise convs: oneDNN's channels_last kernels (forward and backward) are the fastest
+    # measured; an NCHW input is converted there and back (autograd turns the copies around).
+    memory_format = _memory_format(x)
+    kh, kw = weight.shape[-2:]
+    y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, 1, (kh // 2, kw // 2), 1,
+                 weight.shape[0])
+    return y.contiguous(memory_format=memory_format)
+
+
+class FastConv2d(nn.Conv2d):
+    """nn.Conv2d that takes the fast CPU path for stride-1 'same' depthwise convs, nn.Conv2d otherwise.
+
+    On other devices (CUDA, NPU) the vendor libraries' own depthwise kernels are used unchanged:
+    cuDNN has fast dilated depthwise kernels, so the CPU remedies would only add copies there.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        kh, kw = self.kernel_size
+        self._fast_shape = (
+            self.groups == self.in_channels == self.out_channels
+            and self.stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and (kh, kw) != (1, 1)
+            and self.dilation[0] == self.dilation[1] and self.padding_mode == 'zeros'
+            and self.padding == (self.dilation[0] * (kh // 2), self.dilation[0] * (kw // 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under torch.compile the compiler picks its own kernels; the autograd.Function would only
+        # break its graph.
+        if self._fast_shape and x.device.type == 'cpu' and x.dim() == 4 and not torch.compiler.is_compiling():
+            return depthwise_conv2d(x, self.weight, self.bias, self.dilation[0])
+        return super().forward(x)

@@ -1,0 +1,209 @@
+"""Throughput of VAN implementations side by side: training step, inference, and the data pipeline.
+
+    python tools/benchmark.py --model van_b0 -b 32 --img-size 224                   # plain vs fast
+    python tools/benchmark.py --model van_b2 -b 128 --device cuda --dtype bfloat16 --compile
+    python tools/benchmark.py --data-path data/demo -b 64 -j 2                      # loading alone
+
+A training step is forward + cross-entropy + backward + AdamW step; inference is a forward under
+`torch.inference_mode` in eval mode. All implementations are built first and then timed in
+interleaved rounds (plain, fast, plain, fast, ...), so a busy machine slows them alike and the
+ratio stays meaningful. Rows: `plain` is nn.Conv2d in NCHW, exactly what the reference computes;
+`fast` is the default fast path (`lka_impl='fast'`); `+compile` rows wrap them in torch.compile.
+float16/bfloat16 run under autocast (one code path: autocast is disabled for float32).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models  # noqa: E402,F401  (registers the VAN variants with timm)
+import timm  # noqa: E402
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--model', default='van_b0', help='VAN variant (van_b0 .. van_b6, van_tiny ..)')
+    parser.add_argument('-b', '--batch-size', type=int, default=32)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--num-classes', type=int, default=1000)
+    parser.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, npu, ...')
+    parser.add_argument('--dtype', default='float32', choices=list(DTYPES),
+                        help='float32, or autocast to bfloat16/float16 (mixed precision)')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='feed channels_last inputs to every row (the fast path on CPU converts anyway)')
+    parser.add_argument('--impls', default='plain,fast', help='comma-separated lka_impl values to compare')
+    parser.add_argument('--compile', action='store_true', help='add torch.compile rows for every implementation')
+    parser.add_argument('--mode', default='both', choices=['train', 'infer', 'both'])
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps per row before timing')
+    parser.add_argument('--repeats', type=int, default=5, help='timed steps per row (median reported)')
+    parser.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth of the trained model')
+    parser.add_argument('--data-path', default=None,
+                        help='measure the training data pipeline alone on this ImageFolder (DIR or DIR/train)')
+    parser.add_argument('-j', '--workers', type=int, default=2, help='data loader workers (data mode)')
+    parser.add_argument('--batches', type=int, default=20, help='batches timed in data mode')
+    parser.add_argument('--json', default=None, metavar='PATH', help='also write the results to this JSON file')
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f'error: --device {name}: no CUDA device is visible; use --device cpu')
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != 'cpu':
+        torch.accelerator.synchronize(device)
+
+
+def _summary(times, batch_size):
+    rates = sorted(batch_size / t for t in times)
+    median = statistics.median(rates)
+    return dict(images_per_s=median, min=rates[0], max=rates[-1], step_ms=1e3 * statistics.median(times))
+
+
+def build_rows(args, device):
+    """One entry per (implementation, compiled?): the model, its optimizer and its step functions."""
+    rows = []
+    torch.manual_seed(0)
+    reference = None
+    impls = [i.strip() for i in args.impls.split(',') if i.strip()]
+    for impl in impls:
+        for compiled in ([False, True] if args.compile else [False]):
+            model = timm.create_model(args.model, num_classes=args.num_classes, drop_path_rate=args.drop_path,
+                                      lka_impl=impl)
+            if reference is None:
+                reference = model.state_dict()
+            model.load_state_dict(reference)  # same weights in every row
+            model.to(device)
+            if args.channels_last:
+                model.to(memory_format=torch.channels_last)
+            name = f'{impl}+compile' if compiled else impl
+            rows.append(dict(name=name, model=model, run=torch.compile(model) if compiled else model,
+                             optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)))
+    return rows
+
+
+def benchmark_models(args, device):
+    dtype = DTYPES[args.dtype]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
+        memory_format=memory_format)
+    targets = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    rows = build_rows(args, device)
+
+    def train_step(row):
+        row['model'].train()
+        with autocast:
+            loss = F.cross_entropy(row['run'](images), targets)
+        row['optimizer'].zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(row['optimizer'])
+        scaler.update()
+
+    def infer_step(row):
+        row['model'].eval()
+        with torch.inference_mode(), autocast:
+            row['run'](images)
+
+    modes = ['train', 'infer'] if args.mode == 'both' else [args.mode]
+    results = []
+    for mode in modes:
+        step = train_step if mode == 'train' else infer_step
+        times = {row['name']: [] for row in rows}
+        for round_index in range(args.warmup + args.repeats):
+            for row in rows:  # interleaved: every row sees the same machine load
+                synchronize(device)
+                start = time.perf_counter()
+                step(row)
+                synchronize(device)
+                if round_index >= args.warmup:
+                    times[row['name']].append(time.perf_counter() - start)
+        base = None
+        for row in rows:
+            entry = dict(mode=mode, impl=row['name'], **_summary(times[row['name']], args.batch_size))
+            base = base or entry['images_per_s']
+            entry['speedup'] = entry['images_per_s'] / base
+            results.append(entry)
+    return results
+
+
+def benchmark_data(args):
+    """Images/s of the training data pipeline alone (decode + timm training transforms + collate)."""
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    root = Path(args.data_path)
+    if (root / 'train').is_dir():
+        root = root / 'train'
+    if not root.is_dir():
+        raise SystemExit(f'error: --data-path {args.data_path}: no such folder (give an ImageFolder root)')
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model(args.model, pretrained=False))
+    # The training recipe's augmentation (reference: RandAugment m9, random erasing 0.25, jitter 0.4).
+    transform = create_transform(
+        args.img_size, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.4,
+        re_prob=0.25, re_mode='pixel', re_count=1, interpolation=cfg['interpolation'],
+        mean=cfg['mean'], std=cfg['std'])
+    try:
+        dataset = ImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise SystemExit(f'error: --data-path {args.data_path}: not an ImageFolder ({error})')
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=True, persistent_workers=args.workers > 0)
+    if len(loader) == 0:
+        raise SystemExit(f'error: --data-path {args.data_path}: fewer images ({len(dataset)}) than one batch')
+    times, seen, start = [], 0, None
+    while seen < args.batches + args.warmup:
+        for _ in loader:
+            now = time.perf_counter()
+            if start is not None and seen >= args.warmup:
+                times.append(now - start)
+            start, seen = now, seen + 1
+            if seen >= args.batches + args.warmup:
+                break
+    if not times:
+        raise SystemExit('error: not enough batches to time; lower --warmup or add images')
+    return [dict(mode='data', impl=f'workers={args.workers}', **_summary(times, args.batch_size), speedup=1.0)]
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.data_path:
+        setting = f'data pipeline: {args.data_path}, batch {args.batch_size}, {args.img_size}px, {args.workers} workers'
+        results = benchmark_data(args)
+    else:
+        device = resolve_device(args.device)
+        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'
+        setting = (f'{args.model}, batch {args.batch_size}, {args.img_size}px, {args.dtype}, '
+                   f'{"channels_last" if args.channels_last else "NCHW"} input, {device} ({name}), '
+                   f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+        results = benchmark_models(args, device)
+    print(setting)
+    print(f'{"mode":<6} {"impl":<16} {"images/s":>9} {"min":>8} {"max":>8} {"step ms":>9} {"speedup":>8}')
+    for r in results:
+        print(f'{r["mode"]:<6} {r["impl"]:<16} {r["images_per_s"]:9.2f} {r["min"]:8.2f} {r["max"]:8.2f} '
+              f'{r["step_ms"]:9.1f} {r["speedup"]:7.2f}x')
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(setting=setting, args=vars(args), results=results), indent=2))
+    return results
+
+
+if __name__ == '__main__':
+    main()
