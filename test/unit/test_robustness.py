@@ -1,0 +1,344 @@
+"""Faults a long training run meets: bad images, bad dataset layouts, preemption, non-finite
+losses, unwritable output folders, unsafe checkpoint files."""
+import io
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from utils.data_layout import DatasetLayoutError, check_dataset_layout
+from utils.images import BadImageError, RobustImageFolder, SkipCounter, collate_samples, load_rgb
+from utils.nonfinite import NonFiniteGuard, NonFiniteLossError
+from utils.output_dir import OutputDirError, check_output_dir
+from utils.preemption import StopRequest, stop_requested
+from utils.rng_state import capture_rng_state, restore_rng_state
+from utils.sampler import ResumableSampler
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- image files of every kind
+
+def _jpeg_bytes(size=(32, 32), color=(10, 200, 30), mode="RGB"):
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _bomb_png(width=30000, height=30000) -> bytes:
+    """A valid PNG header declaring 900 MP; Pillow must refuse it before decoding anything."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+
+
+def _write_usable_images(folder: Path):
+    """Images that decode but are not 8-bit RGB; returns name -> expected RGB of pixel (0, 0)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), (200, 20, 20)).save(folder / "rgb.png")
+    Image.new("L", (32, 32), 77).save(folder / "gray.png")
+    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(folder / "cmyk.jpg")  # red in CMYK
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))  # fully transparent black
+    rgba.putpixel((1, 1), (0, 0, 255, 255))
+    rgba.save(folder / "rgba.png")
+    palette = Image.new("P", (32, 32), 0)
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    palette.save(folder / "palette.png", transparency=0)  # index 0 (black) is transparent
+    gray16 = np.full((32, 32), 32896, dtype=np.uint16)  # 128 * 257: mid grey in 16 bit
+    Image.fromarray(gray16).save(folder / "gray16.png")
+    return {"rgb.png": (200, 20, 20), "gray.png": (77, 77, 77), "rgba.png": (255, 255, 255),
+            "palette.png": (255, 255, 255), "gray16.png": (128, 128, 128)}
+
+
+def _write_bad_images(folder: Path):
+    """Files with image names that cannot be used; returns their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = _jpeg_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "corrupt.jpg").write_bytes(jpeg[:2] + bytes(range(256)) * 4)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("this is not an image\n")
+    (folder / "bomb.png").write_bytes(_bomb_png())
+    return ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "truncated.jpg"]
+
+
+def test_usable_images_of_any_mode_become_8bit_rgb(tmp_path):
+    expected = _write_usable_images(tmp_path)
+    for name, color in expected.items():
+        img = load_rgb(str(tmp_path / name))
+        assert img.mode == "RGB" and img.size == (32, 32), name
+        assert img.getpixel((0, 0)) == color, name
+    # transparency is composited on white, not dropped: the opaque pixel keeps its colour
+    assert load_rgb(str(tmp_path / "rgba.png")).getpixel((1, 1)) == (0, 0, 255)
+    assert load_rgb(str(tmp_path / "palette.png")).getpixel((1, 1)) == (0, 255, 0)
+    red, green, blue = load_rgb(str(tmp_path / "cmyk.jpg")).getpixel((0, 0))
+    assert red > 200 and green < 60 and blue < 60
+
+
+@pytest.mark.parametrize("name", ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "truncated.jpg"])
+def test_unusable_image_raises_error_naming_the_file(tmp_path, name):
+    _write_bad_images(tmp_path)
+    with pytest.raises(BadImageError) as info:
+        load_rgb(str(tmp_path / name))
+    assert str(tmp_path / name) in str(info.value)
+
+
+def _image_folder(root: Path, bad_in: str = "b"):
+    """Classes a and b with 4 good images each; class `bad_in` also holds every kind of bad file."""
+    for cls, color in (("a", (250, 0, 0)), ("b", (0, 0, 250))):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), color).save(root / cls / f"good{i}.png")
+    _write_usable_images(root / "a")  # decodable oddities are used, not skipped
+    return _write_bad_images(root / bad_in)
+
+
+def _to_tensor(img):
+    return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_loader_fills_batches_and_reports_each_bad_file_once(tmp_path, workers):
+    bad_names = _image_folder(tmp_path)
+    dataset = RobustImageFolder(str(tmp_path), transform=_to_tensor, on_bad="substitute")
+    loader = DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=collate_samples)
+    messages = []
+    counted = SkipCounter(loader, log=messages.append)
+    for _ in range(2):  # two epochs: counted twice, reported once
+        sizes = [images.shape[0] for images, targets in counted]
+        assert sum(sizes) == len(dataset) and counted.skipped == len(bad_names)
+    assert len(messages) == len(bad_names)
+    for name in bad_names:
+        assert sum(str(tmp_path / "b" / name) in m for m in messages) == 1
+
+
+def test_bad_file_is_replaced_by_the_same_sample_every_time(tmp_path):
+    _image_folder(tmp_path)
+    dataset = RobustImageFolder(str(tmp_path), transform=_to_tensor)
+    paths = [p for p, _ in dataset.samples]
+    bad = paths.index(str(tmp_path / "b" / "bomb.png"))
+    first, second = dataset[bad], dataset[bad]
+    assert first.valid and torch.equal(first.image, second.image) and first.bad_files == second.bad_files
+    assert first.target == 1 and first.bad_files[0].startswith(str(tmp_path / "b" / "bomb.png"))
+
+
+def test_evaluation_loader_counts_readable_images_once_and_skips_bad_ones(tmp_path):
+    bad_names = _image_folder(tmp_path)
+    dataset = RobustImageFolder(str(tmp_path), transform=_to_tensor, on_bad="drop")
+    counted = SkipCounter(DataLoader(dataset, batch_size=3, collate_fn=collate_samples), log=lambda m: None)
+    seen = sum(images.shape[0] for images, _ in counted)
+    assert seen == len(dataset) - len(bad_names) and counted.skipped == len(bad_names)
+
+
+def test_strict_data_stops_at_the_first_bad_file_naming_it(tmp_path):
+    _image_folder(tmp_path)
+    dataset = RobustImageFolder(str(tmp_path), transform=_to_tensor, strict=True)
+    with pytest.raises(BadImageError, match=r"b[/\\]bomb\.png.*--strict-data"):
+        for _ in DataLoader(dataset, batch_size=4, collate_fn=collate_samples):
+            pass
+
+
+def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):
+    _write_bad_images(tmp_path / "a")
+    for i in range(60):
+        (tmp_path / "a" / f"zero{i}.jpg").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="unreadable images in a row"):
+        RobustImageFolder(str(tmp_path), transform=_to_tensor)[0]
+
+
+# ---------------------------------------------------------------- dataset layout
+
+def _layout(root: Path, train=("a", "b"), val=("a", "b"), val_name="val"):
+    for split, classes in (("train", train), (val_name, val)):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(root / split / cls / "x.png")
+    return root
+
+
+def test_good_layout_is_accepted_with_validation_folder_name(tmp_path):
+    layout = check_dataset_layout(str(_layout(tmp_path, val_name="validation")))
+    assert layout.classes == ["a", "b"] and layout.val_dir.name == "validation"
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("no_path", "pass --data_path"),
+    ("missing", "does not exist"),
+    ("no_train", "no train/ folder"),
+    ("no_val", "no val/ folder"),
+    ("empty_class", r"hold no images: b"),
+    ("no_images", "no images in"),
+    ("different_classes", r"different classes \(only in train/: b; only in val/: c\)"),
+    ("files_in_train", r"holds files directly \(stray\.jpg\)"),
+])
+def test_bad_layout_gives_one_clear_message(tmp_path, fault, message):
+    root = _layout(tmp_path / "data")
+    if fault == "no_path":
+        root = None
+    elif fault == "missing":
+        root = tmp_path / "nowhere"
+    elif fault == "no_train":
+        os.rename(root / "train", root / "training")
+    elif fault == "no_val":
+        os.rename(root / "val", root / "test")
+    elif fault == "empty_class":
+        (root / "train" / "b" / "x.png").unlink()
+    elif fault == "no_images":
+        for split in ("train", "val"):
+            for cls in ("a", "b"):
+                (root / split / cls / "x.png").rename(root / split / cls / "x.txt")
+    elif fault == "different_classes":
+        os.rename(root / "val" / "b", root / "val" / "c")
+    elif fault == "files_in_train":
+        Image.new("RGB", (8, 8)).save(root / "train" / "stray.jpg")
+    with pytest.raises(DatasetLayoutError, match=message):
+        check_dataset_layout(None if root is None else str(root))
+
+
+def test_evaluation_only_needs_the_validation_split(tmp_path):
+    root = _layout(tmp_path)
+    os.rename(root / "train", root / "elsewhere")
+    assert check_dataset_layout(str(root), need_train=False).classes == ["a", "b"]
+
+
+# ---------------------------------------------------------------- mid-epoch resume order
+
+@pytest.mark.parametrize("world, resumed_world", [(1, 1), (2, 2), (2, 3)])
+def test_resumed_epoch_visits_each_remaining_sample_exactly_once(world, resumed_world):
+    n, batch, steps_done = 101, 4, 5
+
+    def indices(world_size, start):
+        out = []
+        for rank in range(world_size):
+            sampler = ResumableSampler(n, num_replicas=world_size, rank=rank, seed=3, drop_last=False)
+            sampler.set_epoch(7, start=start)
+            out.append([i for i, _ in sampler])
+        return out
+
+    reference = ResumableSampler(n, seed=3, drop_last=False)
+    reference.set_epoch(7)
+    order = [i for i, _ in reference]
+    assert sorted(order) == list(range(n))
+    before = [ranks[: steps_done * batch] for ranks in indices(world, 0)]
+    consumed = steps_done * batch * world
+    after = indices(resumed_world, consumed)
+    seen = [i for ranks in before for i in ranks] + [i for ranks in after for i in ranks]
+    assert sorted(set(seen)) == list(range(n))  # nothing left out
+    assert len(seen) - n < resumed_world  # only the padding that evens out the last step repeats
+    assert sorted(i for ranks in before for i in ranks) == sorted(order[:consumed])
+
+
+def test_sample_seeds_depend_on_epoch_and_index_only():
+    a, b = ResumableSampler(50, seed=1), ResumableSampler(50, num_replicas=2, rank=1, seed=1)
+    a.set_epoch(2)
+    b.set_epoch(2, start=10)
+    seeds_a, seeds_b = dict(a), dict(b)
+    assert all(seeds_a[i] == s for i, s in seeds_b.items())
+    a.set_epoch(3)
+    assert all(dict(a)[i] != s for i, s in seeds_a.items())
+
+
+def test_seeded_augmentation_is_the_same_in_any_process_and_leaves_global_rng_alone(tmp_path):
+    _layout(tmp_path)
+    dataset = RobustImageFolder(str(tmp_path / "train"), transform=lambda img: torch.rand(3))
+    torch.manual_seed(0)
+    expected_next = torch.rand(1)
+    torch.manual_seed(0)
+    first = dataset[(0, 1234)].image
+    assert torch.equal(torch.rand(1), expected_next)  # global stream untouched
+    assert torch.equal(dataset[(0, 1234)].image, first) and not torch.equal(dataset[(0, 99)].image, first)
+
+
+# ---------------------------------------------------------------- preemption signals, RNG state
+
+def test_sigterm_and_sigint_become_a_stop_request_until_the_context_ends():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as request:
+        assert not stop_requested(request, CPU)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop_requested(request, CPU) and request.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    import random
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    torch.save({"rng": capture_rng_state(CPU)}, tmp_path / "state.pth")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(torch.load(tmp_path / "state.pth", weights_only=True)["rng"], CPU)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+def test_nonfinite_loss_without_scaler_stops_naming_the_step():
+    guard = NonFiniteGuard(scaler_skips_steps=False)
+    guard.update(torch.tensor(1.0), "epoch 0 step 1")
+    guard.update(torch.tensor(float("nan")), "epoch 0 step 2")
+    guard.update(torch.tensor(float("nan")), "epoch 0 step 3")
+    with pytest.raises(NonFiniteLossError, match="not finite at epoch 0 step 2"):
+        guard.check()
+
+
+def test_nonfinite_loss_under_fp16_scaler_is_skipped_until_it_persists():
+    guard = NonFiniteGuard(scaler_skips_steps=True, max_consecutive=3)
+    for step, value in enumerate([1.0, float("inf"), float("nan"), 2.0, float("nan"), float("nan")]):
+        guard.update(torch.tensor(value), f"step {step}")
+    guard.check()
+    assert guard.skipped_steps == 4 and guard.consecutive == 2
+    guard.update(torch.tensor(float("nan")), "step 6")
+    with pytest.raises(NonFiniteLossError, match=r"3 steps in a row \(since step 4, last at step 6\)"):
+        guard.check()
+
+
+# ---------------------------------------------------------------- output folder
+
+def test_output_below_a_file_or_without_space_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputDirError, match="cannot write to output folder .*afile"):
+        check_output_dir(tmp_path / "afile" / "run")
+    with pytest.raises(OutputDirError, match="MiB free"):
+        check_output_dir(tmp_path / "run", needed_bytes=2**60)
+    assert check_output_dir(tmp_path / "run", needed_bytes=1).is_dir()
+    assert list((tmp_path / "run").iterdir()) == []  # the probe file is gone
+
+
+def without_root_privileges(command):
+    """root ignores file permissions; drop that privilege for `command` (skip when impossible)."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without util-linux setpriv: file permissions cannot be tested")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"] + command
+
+
+def test_read_only_output_folder_is_a_clear_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    code = ("import sys; from utils.output_dir import check_output_dir, OutputDirError\n"
+            "try: check_output_dir(sys.argv[1])\n"
+            "except OutputDirError as e: print(e); sys.exit(3)\n")
+    result = subprocess.run(without_root_privileges([sys.executable, "-c", code, str(locked / "run")]), cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert "cannot write to output folder" in result.stdout and "Permission denied" in result.stdout

@@ -1,0 +1,63 @@
+"""Stopping cleanly when the job is preempted (SIGTERM) or interrupted (Ctrl-C / SIGINT).
+
+A scheduler that preempts a node sends SIGTERM and kills the job a while later. Dying inside an
+optimizer step or a checkpoint write loses everything since the last epoch, so the handler only
+records the request; the training loop finishes its current step, writes a recovery checkpoint
+recording its position inside the epoch, and exits. A second Ctrl-C stops at once (the usual
+KeyboardInterrupt) for a user who does not want to wait.
+
+In a distributed run the signal may reach only some ranks; `stop_requested` agrees across ranks so
+that all of them stop after the same step and can save together.
+"""
+import signal
+import threading
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class StopRequest:
+    """Context manager that turns SIGTERM/SIGINT into a flag the training loop polls between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: the user does not want to wait for the step
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self):
+        # Signal handlers can only be installed from the main thread (e.g. not inside a notebook
+        # worker thread); there the default behaviour stays.
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+def stop_requested(request: StopRequest, device: torch.device) -> bool:
+    """True on every rank when any rank received a stop signal.
+
+    One tiny all-reduce per call; call it once per step so every rank stops after the same step.
+    """
+    flag = request.requested
+    if dist.is_available() and dist.is_initialized():
+        tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        flag = bool(tensor.item())
+    return flag
