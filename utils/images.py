@@ -20,7 +20,6 @@ Decisions (each one documented here because it changes the pixels the model sees
 """
 import logging
 import os
-import random
 import warnings
 from typing import Callable, List, NamedTuple, Optional
 
@@ -112,10 +111,8 @@ class RobustImageFolder(ImageFolder):
     on_bad='drop' (evaluation): a placeholder marked invalid is returned and `collate_samples`
         removes it, so every readable validation image is counted exactly once and no image twice.
     strict=True: the first unreadable file raises BadImageError naming it.
-
-    An index may be an int or an (index, seed) pair from `utils.sampler.ResumableSampler`: with a
-    seed, the random transforms of that sample are drawn from it, so augmentation does not depend
-    on which worker loads the sample or where a resumed run starts.
+    A substitute is transformed with the random state the requested sample would have used
+    (see utils.data.SeededPerImage), so the choice and its augmentation are reproducible.
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, on_bad: str = "substitute",
@@ -126,20 +123,19 @@ class RobustImageFolder(ImageFolder):
         self.on_bad = on_bad
         self.strict = strict
 
-    def _load(self, index: int, seed: Optional[int]):
+    def _load(self, index: int):
         path, target = self.samples[index]
         image = self.loader(path)
         if self.transform is not None:
-            image = _seeded(self.transform, image, seed)
+            image = self.transform(image)
         return image, target
 
-    def __getitem__(self, key) -> Sample:
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, index: int) -> Sample:
         bad: Optional[str] = None  # the requested file, when unreadable
         for offset in range(MAX_CONSECUTIVE_BAD):
             candidate = (index + offset) % len(self.samples)
             try:
-                image, target = self._load(candidate, seed)
+                image, target = self._load(candidate)
                 return Sample(image, target, (bad,) if bad else (), True)
             except BadImageError as e:
                 if self.strict:
@@ -149,35 +145,15 @@ class RobustImageFolder(ImageFolder):
                 # (and reported) when its own index comes up, so each file counts once per pass.
                 bad = bad or str(e)
                 if self.on_bad == "drop":
-                    return Sample(self._placeholder(seed), self.samples[index][1], (bad,), False)
+                    return Sample(self._placeholder(), self.samples[index][1], (bad,), False)
         raise RuntimeError(
             f"{MAX_CONSECUTIVE_BAD} unreadable images in a row under {self.root} (first: {bad}); "
             "the dataset looks broken, check the files or the disk")
 
-    def _placeholder(self, seed: Optional[int]):
-        # Same transform on a blank image gives a tensor of the right shape for collation.
+    def _placeholder(self):
+        # The evaluation transform of a blank image has the shape collation needs.
         image = Image.new("RGB", (256, 256), _WHITE)
-        return _seeded(self.transform, image, seed) if self.transform is not None else image
-
-
-def _seeded(transform: Callable, image, seed: Optional[int]):
-    """Apply `transform` with Python, NumPy and torch RNGs seeded by `seed`, restoring them after.
-
-    Restoring matters when the loader runs in the main process (workers=0): the training loop's
-    own random draws (dropout, drop path, mixup) must not depend on how images were augmented.
-    """
-    if seed is None:
-        return transform(image)
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-            return transform(image)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        return self.transform(image) if self.transform is not None else image
 
 
 class Batch(NamedTuple):

@@ -226,14 +226,14 @@ def test_resumed_epoch_visits_each_remaining_sample_exactly_once(world, resumed_
     def indices(world_size, start):
         out = []
         for rank in range(world_size):
-            sampler = ResumableSampler(n, num_replicas=world_size, rank=rank, seed=3, drop_last=False)
+            sampler = ResumableSampler(n, num_replicas=world_size, rank=rank, seed=3)
             sampler.set_epoch(7, start=start)
-            out.append([i for i, _ in sampler])
+            out.append(list(sampler))
         return out
 
-    reference = ResumableSampler(n, seed=3, drop_last=False)
+    reference = ResumableSampler(n, seed=3)
     reference.set_epoch(7)
-    order = [i for i, _ in reference]
+    order = list(reference)
     assert sorted(order) == list(range(n))
     before = [ranks[: steps_done * batch] for ranks in indices(world, 0)]
     consumed = steps_done * batch * world
@@ -244,25 +244,13 @@ def test_resumed_epoch_visits_each_remaining_sample_exactly_once(world, resumed_
     assert sorted(i for ranks in before for i in ranks) == sorted(order[:consumed])
 
 
-def test_sample_seeds_depend_on_epoch_and_index_only():
-    a, b = ResumableSampler(50, seed=1), ResumableSampler(50, num_replicas=2, rank=1, seed=1)
-    a.set_epoch(2)
-    b.set_epoch(2, start=10)
-    seeds_a, seeds_b = dict(a), dict(b)
-    assert all(seeds_a[i] == s for i, s in seeds_b.items())
-    a.set_epoch(3)
-    assert all(dict(a)[i] != s for i, s in seeds_a.items())
-
-
-def test_seeded_augmentation_is_the_same_in_any_process_and_leaves_global_rng_alone(tmp_path):
-    _layout(tmp_path)
-    dataset = RobustImageFolder(str(tmp_path / "train"), transform=lambda img: torch.rand(3))
-    torch.manual_seed(0)
-    expected_next = torch.rand(1)
-    torch.manual_seed(0)
-    first = dataset[(0, 1234)].image
-    assert torch.equal(torch.rand(1), expected_next)  # global stream untouched
-    assert torch.equal(dataset[(0, 1234)].image, first) and not torch.equal(dataset[(0, 99)].image, first)
+def test_uninterrupted_order_is_that_of_distributed_sampler():
+    from torch.utils.data import DistributedSampler
+    for rank in range(3):
+        ours = ResumableSampler(50, num_replicas=3, rank=rank, seed=5)
+        theirs = DistributedSampler(range(50), num_replicas=3, rank=rank, seed=5)
+        ours.set_epoch(4), theirs.set_epoch(4)
+        assert list(ours) == list(theirs) and len(ours) == len(theirs)
 
 
 # ---------------------------------------------------------------- preemption signals, RNG state
@@ -332,6 +320,7 @@ def without_root_privileges(command):
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search"] + command
 
 
+@pytest.mark.slow
 def test_read_only_output_folder_is_a_clear_error(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
