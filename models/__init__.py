@@ -1,0 +1,70 @@
+"""VAN models for timm: `import models` registers van_b0 ... van_b6 and van_tiny/small/base/large.
+
+    model = timm.create_model('van_b2', num_classes=10, drop_path_rate=0.1)
+    model = timm.create_model('van_base', pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file='van_base_828.pth.tar'))
+
+Weights come from local files only (no download source is registered). timm's own loader would read
+the file with its reader and drop any head whose class count differs from the config's 1000, so a
+fine-tuned 10-class file could not load whole; VAN files are therefore loaded by
+`models.weights.load_pretrained` right after the model is built and before timm wraps it for
+`features_only`.
+"""
+from functools import partial
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+
+from .van import ALIASES, VAN, VARIANTS, lka_impls, register_lka_impl, resolve_lka_impl
+from .weights import UnsafeFileError, load_pretrained, safe_load
+
+__all__ = ['VAN', 'VARIANTS', 'ALIASES', 'MODEL_NAMES', 'UnsafeFileError', 'safe_load', 'load_pretrained',
+           'lka_impls', 'register_lka_impl', 'resolve_lka_impl']
+
+MODEL_NAMES = (*VARIANTS, *ALIASES)
+
+
+def _cfg(**kwargs):
+    return dict(
+        url='', num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
+        interpolation='bicubic', mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        first_conv='patch_embed1.proj', classifier='head', license='apache-2.0', **kwargs)
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_NAMES})
+
+
+def _build_and_load(variant, weights_file, **kwargs):
+    model = VAN(**VARIANTS[ALIASES.get(variant, variant)], **kwargs)
+    if weights_file:
+        load_pretrained(model, weights_file, variant)
+    return model
+
+
+def _create_van(variant, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs):
+    pretrained_cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay)
+    weights_file = None
+    if pretrained:
+        weights_file = pretrained_cfg.file
+        if not weights_file:
+            raise ValueError(f'{variant} has no download source; pass the weights file with '
+                             f'pretrained_cfg_overlay=dict(file=PATH)')
+    return build_model_with_cfg(
+        partial(_build_and_load, variant, weights_file), variant, pretrained=False,
+        pretrained_cfg=pretrained_cfg, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+
+
+def _make_entrypoint(name):
+    def entrypoint(pretrained=False, **kwargs):
+        return _create_van(name, pretrained=pretrained, **kwargs)
+    target = ALIASES.get(name, name)
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f'VAN {target}' + (f' (older name {name})' if name != target else '') + \
+        f': {VARIANTS[target]}'
+    return entrypoint
+
+
+for _name in MODEL_NAMES:
+    globals()[_name] = register_model(_make_entrypoint(_name))
+del _name

@@ -1,0 +1,296 @@
+"""VAN (Visual Attention Network) architecture, faithful to the reference implementation.
+
+Guo et al., "Visual Attention Network" (2022); reference code Visual-Attention-Network/VAN-Classification
+at commit e19779b. The module tree and parameter names are the reference's (`patch_embed{i}`,
+`block{i}.{j}`, `norm{i}`, `head`) so the official checkpoints load with `strict=True`; the
+arithmetic is the reference's so their outputs are reproduced to float rounding.
+
+Every variant is one row of `VARIANTS`; `ALIASES` keeps the older names (van_tiny ... van_large).
+Registration with timm lives in `models/__init__.py`, weight files in `models/weights.py`.
+"""
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath, trunc_normal_
+from timm.models import checkpoint_seq
+
+__all__ = ['VAN', 'VARIANTS', 'ALIASES', 'register_lka_impl', 'resolve_lka_impl', 'lka_impls']
+
+# name: (embed dims, depths, MLP ratios) of the four stages.
+VARIANTS: Dict[str, dict] = {
+    'van_b0': dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), mlp_ratios=(8, 8, 4, 4)),
+    'van_b1': dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 4, 2), mlp_ratios=(8, 8, 4, 4)),
+    'van_b2': dict(embed_dims=(64, 128, 320, 512), depths=(3, 3, 12, 3), mlp_ratios=(8, 8, 4, 4)),
+    'van_b3': dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 27, 3), mlp_ratios=(8, 8, 4, 4)),
+    'van_b4': dict(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), mlp_ratios=(8, 8, 4, 4)),
+    'van_b5': dict(embed_dims=(96, 192, 480, 768), depths=(3, 3, 24, 3), mlp_ratios=(8, 8, 4, 4)),
+    'van_b6': dict(embed_dims=(96, 192, 384, 768), depths=(6, 6, 90, 6), mlp_ratios=(8, 8, 4, 4)),
+}
+
+# Names of the first release; the Ascend ModelZoo scripts train `van_base`.
+ALIASES: Dict[str, str] = {'van_tiny': 'van_b0', 'van_small': 'van_b1', 'van_base': 'van_b2', 'van_large': 'van_b3'}
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution implementations of the block's depthwise/pointwise convs, chosen by `lka_impl`.
+# Each entry is an nn.Conv2d (sub)class, so parameter names and shapes never change and any
+# implementation loads any checkpoint. models/fast_conv.py registers its classes here.
+# ---------------------------------------------------------------------------------------------
+_LKA_IMPLS: Dict[str, Callable[..., nn.Conv2d]] = {'plain': nn.Conv2d}
+# What 'auto' resolves to; an implementation measured faster takes this over when it registers.
+_AUTO_LKA_IMPL = 'plain'
+
+
+def register_lka_impl(name: str, conv_cls: Callable[..., nn.Conv2d], use_for_auto: bool = False) -> None:
+    """Make `lka_impl=name` build the block's convolutions with `conv_cls` (same signature as nn.Conv2d)."""
+    global _AUTO_LKA_IMPL
+    if name == 'auto':
+        raise ValueError("'auto' is reserved: it resolves to the preferred registered implementation")
+    _LKA_IMPLS[name] = conv_cls
+    if use_for_auto:
+        _AUTO_LKA_IMPL = name
+
+
+def lka_impls() -> List[str]:
+    """Accepted values of `lka_impl`."""
+    return ['auto', *_LKA_IMPLS]
+
+
+def resolve_lka_impl(name: str) -> str:
+    """Map 'auto' to the preferred implementation and reject unknown names."""
+    if name == 'auto':
+        return _AUTO_LKA_IMPL
+    if name not in _LKA_IMPLS:
+        raise ValueError(f"unknown lka_impl {name!r}; choose one of {', '.join(lka_impls())}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+class OverlapPatchEmbed(nn.Module):
+    """Strided convolution with overlapping windows, then BatchNorm: starts each stage."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=patch_size // 2)
+        self.norm = nn.BatchNorm2d(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
+
+
+class LKA(nn.Module):
+    """Large kernel attention: 5x5 depthwise, 7x7 depthwise dilated by 3, 1x1; gates its input."""
+
+    def __init__(self, dim: int, conv_cls: Callable[..., nn.Conv2d]):
+        super().__init__()
+        self.conv0 = conv_cls(dim, dim, 5, padding=2, groups=dim)
+        self.conv_spatial = conv_cls(dim, dim, 7, stride=1, padding=9, groups=dim, dilation=3)
+        self.conv1 = conv_cls(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.conv1(self.conv_spatial(self.conv0(x)))
+
+
+class SpatialAttention(nn.Module):
+    """1x1 projection, GELU, LKA, 1x1 projection, with its own shortcut (as in the reference)."""
+
+    def __init__(self, dim: int, conv_cls: Callable[..., nn.Conv2d]):
+        super().__init__()
+        self.proj_1 = nn.Conv2d(dim, dim, 1)
+        self.activation = nn.GELU()
+        self.spatial_gating_unit = LKA(dim, conv_cls)
+        self.proj_2 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x))))
+        return x + shortcut
+
+
+class DWConv(nn.Module):
+    """3x3 depthwise conv inside the MLP; a wrapper only to keep the reference name `mlp.dwconv.dwconv`."""
+
+    def __init__(self, dim: int, conv_cls: Callable[..., nn.Conv2d]):
+        super().__init__()
+        self.dwconv = conv_cls(dim, dim, 3, stride=1, padding=1, bias=True, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dwconv(x)
+
+
+class Mlp(nn.Module):
+    """Convolutional MLP: 1x1 expand, 3x3 depthwise, GELU, dropout, 1x1 reduce, dropout."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float, conv_cls: Callable[..., nn.Conv2d]):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.dwconv = DWConv(hidden_dim, conv_cls)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.dwconv(self.fc1(x))))
+        return self.drop(self.fc2(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block: two residual branches (attention, MLP), each with layer scale and drop path."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop: float, drop_path: float,
+                 conv_cls: Callable[..., nn.Conv2d], layer_scale_init: float = 1e-2):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(dim)
+        self.attn = SpatialAttention(dim, conv_cls)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, conv_cls)
+        self.layer_scale_1 = nn.Parameter(layer_scale_init * torch.ones(dim))
+        self.layer_scale_2 = nn.Parameter(layer_scale_init * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
+        return x
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (the reference flattens to tokens and back).
+
+    The result keeps the memory format of the input, so a channels_last model stays channels_last
+    and an NCHW model stays NCHW-contiguous like the reference.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory_format = torch.channels_last if (
+            x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) else torch.contiguous_format
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+class VAN(nn.Module):
+    """Visual Attention Network: four stages of (patch embedding, blocks, LayerNorm), average pool, head.
+
+    Args:
+        embed_dims, depths, mlp_ratios: the four stages' widths, block counts and MLP expansions
+            (one row of `VARIANTS`).
+        in_chans: input channels.
+        num_classes: classes of the Linear head; 0 builds no head (`forward` returns pooled features).
+        drop_rate: dropout inside every MLP (where the reference applies its `drop_rate`).
+        drop_path_rate: stochastic depth of the last block; it rises linearly from 0 over all blocks.
+        lka_impl: implementation of the block's depthwise and LKA convolutions: 'plain' (nn.Conv2d,
+            the reference), any name added by `register_lka_impl`, or 'auto' (the preferred one).
+        global_pool: only 'avg' (the reference's mean over positions); accepted for timm's API.
+    """
+
+    def __init__(
+            self,
+            embed_dims: Tuple[int, ...] = (64, 128, 320, 512),
+            depths: Tuple[int, ...] = (3, 3, 12, 3),
+            mlp_ratios: Tuple[float, ...] = (8, 8, 4, 4),
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            lka_impl: str = 'auto',
+            global_pool: str = 'avg',
+    ):
+        super().__init__()
+        if not len(embed_dims) == len(depths) == len(mlp_ratios):
+            raise ValueError('embed_dims, depths and mlp_ratios need one entry per stage')
+        _check_global_pool(global_pool)
+        self.lka_impl = resolve_lka_impl(lka_impl)
+        conv_cls = _LKA_IMPLS[self.lka_impl]
+        self.num_classes = num_classes
+        self.num_stages = len(depths)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.feature_info = []
+
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        prev_dim, reduction, first_block = in_chans, 1, 0
+        for i, (dim, depth, mlp_ratio) in enumerate(zip(embed_dims, depths, mlp_ratios), start=1):
+            patch_size, stride = (7, 4) if i == 1 else (3, 2)
+            reduction *= stride
+            setattr(self, f'patch_embed{i}', OverlapPatchEmbed(prev_dim, dim, patch_size, stride))
+            # nn.Sequential (the reference uses a ModuleList) gives the same state-dict names and lets
+            # timm's feature extractor and checkpoint_seq run the stage as one module.
+            setattr(self, f'block{i}', nn.Sequential(*[
+                Block(dim, mlp_ratio, drop_rate, drop_path_rates[first_block + j], conv_cls) for j in range(depth)]))
+            setattr(self, f'norm{i}', ChannelLayerNorm(dim, eps=1e-6))
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'norm{i}'))
+            prev_dim, first_block = dim, first_block + depth
+
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # Biases, norms and layer scales are 1-D and excluded by the optimizer's 1-D rule; no other
+        # parameter is exempt in the recipe.
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head with a freshly initialised one for `num_classes` (0: no head)."""
+        if global_pool is not None:
+            _check_global_pool(global_pool)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final feature map (N, C4, H/32, W/32), after the last stage's LayerNorm."""
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f'patch_embed{i}')(x)
+            blocks = getattr(self, f'block{i}')
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(blocks, x)
+            else:
+                x = blocks(x)
+            x = getattr(self, f'norm{i}')(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool != 'avg':
+        raise ValueError(f"VAN pools by averaging only; global_pool must be 'avg', got {global_pool!r}")
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The reference initialisation, applied to every submodule."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0., (2.0 / fan_out) ** 0.5)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

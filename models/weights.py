@@ -1,0 +1,253 @@
+"""Reading VAN weight files safely and loading them into a model.
+
+`safe_load` is the one way this repository reads .pth/.pt/.bin/.safetensors files: pickles are read
+with `torch.load(weights_only=True)` (only tensors and plain containers, plus `argparse.Namespace`
+that timm-style training scripts store as 'args'), so a file cannot run code while it is read.
+
+`extract_state_dict` turns every format users bring into a state dict with the reference names:
+the official release `{'state_dict': ...}`, a plain state dict, training checkpoints (this repo's,
+the reference's, the Ascend port's) with optimizer state and `module.` prefixes, and HuggingFace
+transformers `VanForImageClassification` files. `load_pretrained` puts one into a model, keeping or
+re-initialising the head by class count and naming the variant when the file does not fit.
+"""
+import argparse
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .van import ALIASES, VARIANTS
+
+__all__ = ['UnsafeFileError', 'safe_load', 'extract_state_dict', 'load_pretrained', 'guess_variant']
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+# Globals a weights-only unpickler may build besides tensors and containers. torch >= 2.4 has the
+# allow-list context; older torch cannot allow-list, so such files are refused there (with the reason).
+_SAFE_GLOBALS = [argparse.Namespace]
+_safe_globals_context = getattr(torch.serialization, 'safe_globals', None)
+
+# Files HuggingFace puts in a model directory, in the order they are tried.
+_HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+
+# Training checkpoints may hold the regular and the EMA weights. The regular weights are the ones
+# the run validated and resumes from, so they win; EMA weights load only when the file has nothing else.
+_STATE_DICT_KEYS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
+
+HEAD_KEYS = ('head.weight', 'head.bias')
+
+
+class UnsafeFileError(RuntimeError):
+    """The file can only be read by unpickling arbitrary Python objects, which could run code."""
+
+
+def safe_load(path: PathLike) -> Any:
+    """Read a checkpoint without executing code from it.
+
+    *.safetensors files are read with safetensors; everything else with
+    `torch.load(weights_only=True, map_location='cpu')`, allowing `argparse.Namespace`.
+    A directory is read through the HuggingFace file it contains (model.safetensors, pytorch_model.bin).
+
+    Raises:
+        FileNotFoundError: the path does not exist (or a directory has no weight file).
+        UnsafeFileError: the file pickles objects other than tensors and plain containers.
+        ValueError: the file is not a readable checkpoint (truncated, another format).
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in _HF_WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f'{path} is a directory without {" or ".join(_HF_WEIGHT_FILES)}; '
+                                    f'pass the weight file itself')
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f'weights file not found: {path}')
+
+    if path.suffix == '.safetensors':
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device='cpu')
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f'{path} is not a readable safetensors file ({e})') from e
+
+    try:
+        if _safe_globals_context is None:
+            return torch.load(path, map_location='cpu', weights_only=True)
+        with _safe_globals_context(_SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e):
+            raise ValueError(f'{path} is not a readable PyTorch checkpoint ({e})') from e
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        what = f'objects of {found.group(1)}' if found else 'Python objects other than tensors'
+        raise UnsafeFileError(
+            f'refusing to read {path}: it contains {what}, and unpickling those could run arbitrary code. '
+            f'Re-save only the tensors (e.g. torch.save({{"state_dict": model.state_dict()}}, PATH)) '
+            f'from a trusted environment.') from e
+    except (RuntimeError, KeyError, EOFError, OSError, AttributeError, IndexError) as e:
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Format normalisation
+# ---------------------------------------------------------------------------------------------
+# HuggingFace transformers (models/deprecated/van) name -> reference name, within stage s (0-based)
+# and layer j. Patterns are anchored so `depth_wise.` and `depth_wise_dilated.` cannot be confused.
+_HF_LAYER_RENAMES = (
+    (r'pre_normomalization\.', 'norm1.'),  # (sic) transformers' spelling
+    (r'attention\.pre_projection\.conv\.', 'attn.proj_1.'),
+    (r'attention\.attention_layer\.attention\.depth_wise\.', 'attn.spatial_gating_unit.conv0.'),
+    (r'attention\.attention_layer\.attention\.depth_wise_dilated\.', 'attn.spatial_gating_unit.conv_spatial.'),
+    (r'attention\.attention_layer\.attention\.point_wise\.', 'attn.spatial_gating_unit.conv1.'),
+    (r'attention\.post_projection\.', 'attn.proj_2.'),
+    (r'attention_scaling\.weight', 'layer_scale_1'),
+    (r'post_normalization\.', 'norm2.'),
+    (r'mlp\.in_dense\.', 'mlp.fc1.'),
+    (r'mlp\.depth_wise\.', 'mlp.dwconv.dwconv.'),
+    (r'mlp\.out_dense\.', 'mlp.fc2.'),
+    (r'mlp_scaling\.weight', 'layer_scale_2'),
+)
+_HF_STAGE = re.compile(r'^van\.encoder\.stages\.(\d+)\.(.*)$')
+_HF_LAYER = re.compile(r'^layers\.(\d+)\.(.*)$')
+
+
+def _hf_to_reference_name(name: str) -> Optional[str]:
+    """Reference name of a transformers VAN tensor; None for tensors the model does not use."""
+    if name.startswith('van.layernorm.'):
+        return None  # transformers creates this norm but its forward never applies it
+    if name.startswith('classifier.'):
+        return 'head.' + name[len('classifier.'):]
+    stage = _HF_STAGE.match(name)
+    if not stage:
+        return name  # unknown: kept, so the mismatch report shows it
+    i, rest = int(stage.group(1)) + 1, stage.group(2)
+    for hf_prefix, ref_prefix in (('embeddings.convolution.', 'proj.'), ('embeddings.normalization.', 'norm.')):
+        if rest.startswith(hf_prefix):
+            return f'patch_embed{i}.{ref_prefix}{rest[len(hf_prefix):]}'
+    if rest.startswith('normalization.'):
+        return f'norm{i}.{rest[len("normalization."):]}'
+    layer = _HF_LAYER.match(rest)
+    if layer:
+        j, tail = layer.groups()
+        for pattern, replacement in _HF_LAYER_RENAMES:
+            if re.match(pattern + ('$' if pattern.endswith('weight') else ''), tail):
+                return f'block{i}.{j}.' + re.sub('^' + pattern, replacement, tail)
+    return name
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+    """The model weights of any supported format, under reference names.
+
+    Raises ValueError naming `source` when the object holds no state dict.
+    """
+    state_dict = None
+    if _is_state_dict(checkpoint):
+        state_dict = checkpoint
+    elif isinstance(checkpoint, Mapping):
+        for key in _STATE_DICT_KEYS:
+            if _is_state_dict(checkpoint.get(key)):
+                state_dict = checkpoint[key]
+                if key.endswith('ema'):
+                    _logger.info(f'{source} holds only EMA weights ({key!r}); loading them')
+                break
+    if state_dict is None:
+        keys = ', '.join(map(str, list(checkpoint)[:8])) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise ValueError(f'{source} holds no model weights: expected a state dict or a dict with one of '
+                         f'{", ".join(_STATE_DICT_KEYS)}; found {keys}')
+
+    # DDP / DataParallel saves prefix every name with `module.`.
+    if all(k.startswith('module.') for k in state_dict):
+        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    if any(k.startswith('van.encoder.') for k in state_dict):
+        renamed = {}
+        for k, v in state_dict.items():
+            new_name = _hf_to_reference_name(k)
+            if new_name is not None:
+                renamed[new_name] = v
+        state_dict = renamed
+    return dict(state_dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading into a model
+# ---------------------------------------------------------------------------------------------
+def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The VAN variant whose shape the weights have, or None when they are no VAN of the table."""
+    try:
+        dims, depths, ratios = [], [], []
+        for i in range(1, 5):
+            dim = state_dict[f'norm{i}.weight'].shape[0]
+            depth = len({int(k.split('.')[1]) for k in state_dict if k.startswith(f'block{i}.')})
+            hidden = state_dict[f'block{i}.0.mlp.fc1.weight'].shape[0]
+            dims.append(dim), depths.append(depth), ratios.append(hidden / dim)
+    except (KeyError, IndexError, ValueError):
+        return None
+    for name, cfg in VARIANTS.items():
+        if tuple(cfg['embed_dims']) == tuple(dims) and tuple(cfg['depths']) == tuple(depths) and \
+                tuple(float(r) for r in cfg['mlp_ratios']) == tuple(ratios):
+            return name
+    return None
+
+
+def _describe(names: List[str], limit: int = 5) -> str:
+    shown = ', '.join(names[:limit])
+    return shown + (f' (and {len(names) - limit} more)' if len(names) > limit else '')
+
+
+def _variant_label(variant: str) -> str:
+    return f'{variant} (= {ALIASES[variant]})' if variant in ALIASES else variant
+
+
+def load_pretrained(model: nn.Module, path: PathLike, variant: str) -> None:
+    """Load the weights in `path` into `model`, a VAN built as `variant`.
+
+    The backbone must match exactly (names and shapes). The head is loaded when its shape matches the
+    model's; otherwise the model keeps its freshly initialised head and one log line says so.
+    Raises ValueError naming `variant` and the first mismatching keys when the file is another
+    variant or another architecture; see `safe_load` for unreadable or unsafe files.
+    """
+    state_dict = extract_state_dict(safe_load(path), source=str(path))
+    target = model.state_dict()
+
+    file_head = {k: state_dict.pop(k) for k in HEAD_KEYS if k in state_dict}
+    model_head = {k: target[k] for k in HEAD_KEYS if k in target}
+
+    # BatchNorm's step counter only matters for momentum=None; conversions may leave it out.
+    for name, tensor in target.items():
+        if name.endswith('num_batches_tracked') and name not in state_dict:
+            state_dict[name] = tensor
+
+    missing = [k for k in target if k not in state_dict and k not in model_head]
+    unexpected = [k for k in state_dict if k not in target]
+    wrong_shape = [f'{k} {tuple(v.shape)} in the file, {tuple(target[k].shape)} in the model'
+                   for k, v in state_dict.items() if k in target and v.shape != target[k].shape]
+    if missing or unexpected or wrong_shape:
+        guessed = guess_variant(state_dict)
+        looks_like = f'it looks like {guessed} weights' if guessed else 'it does not look like a VAN of the table'
+        problems = [f'{label}: {_describe(names)}' for label, names in (
+            ('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', wrong_shape)) if names]
+        raise ValueError(f'{path} does not fit {_variant_label(variant)} ({looks_like}); ' + '; '.join(problems) +
+                         '. Choose the model that matches the file, or a file of the chosen model.')
+
+    head_fits = bool(model_head) and set(file_head) == set(model_head) and all(
+        file_head[k].shape == model_head[k].shape for k in model_head)
+    if head_fits:
+        state_dict.update(file_head)
+    elif model_head or file_head:
+        file_classes = file_head['head.weight'].shape[0] if 'head.weight' in file_head else 0
+        _logger.info(f'{path} has a head for {file_classes} classes, the model {getattr(model, "num_classes", 0)}: '
+                     f'keeping a freshly initialised head')
+    model.load_state_dict({**state_dict, **({} if head_fits else model_head)}, strict=True)
