@@ -13,15 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from models.weights import UnsafeFileError, safe_load  # noqa: E402
-
-# Where checkpoint formats keep the model weights, in order of preference.
-STATE_DICT_KEYS = ("state_dict", "model", "module")
+from models.weights import UnsafeFileError, extract_state_dict, safe_load  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,31 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def extract_state_dict(checkpoint, ema: bool = False) -> dict:
-    """The model's tensors from a loaded checkpoint, without a DataParallel/DDP 'module.' prefix."""
+def model_weights(checkpoint, source: str, ema: bool = False) -> dict:
+    """The model's tensors under reference names, each a contiguous CPU copy (safetensors refuses
+    tensors that share memory or are views)."""
     if ema:
         if not isinstance(checkpoint, dict) or "state_dict_ema" not in checkpoint:
-            raise ValueError("--ema: the checkpoint holds no EMA weights (no 'state_dict_ema'; train with --model-ema)")
-        state = checkpoint["state_dict_ema"]
-    else:
-        state = checkpoint
-        for key in STATE_DICT_KEYS:
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError("no model weights found: expected a state dict of tensors, or a checkpoint with one "
-                         f"under {', '.join(STATE_DICT_KEYS)}")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    # safetensors refuses tensors that share memory or are views; each gets its own contiguous copy.
+            raise ValueError(f"{source} holds no EMA weights ('state_dict_ema'); train with --model-ema or drop --ema")
+        checkpoint = checkpoint["state_dict_ema"]
+    state = extract_state_dict(checkpoint, source=source)
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
 def export_weights(checkpoint_path: str, output_path: str, ema: bool = False) -> int:
     """Write the weights of `checkpoint_path` to `output_path`; return the number of tensors."""
     checkpoint = safe_load(checkpoint_path)
-    state = extract_state_dict(checkpoint, ema=ema)
+    state = model_weights(checkpoint, checkpoint_path, ema=ema)
     metadata = {"format": "pt", "source": os.path.basename(checkpoint_path)}
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("arch"), str):
         metadata["arch"] = checkpoint["arch"]

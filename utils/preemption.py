@@ -61,3 +61,51 @@ def stop_requested(request: StopRequest, device: torch.device) -> bool:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         flag = bool(tensor.item())
     return flag
+
+
+RECOVERY_FILE = "recovery.pth.tar"
+
+
+def recovery_record(epoch: int, steps_done: int, batch_size: int, world_size: int, num_updates: int,
+                    rng_state: dict) -> dict:
+    """Where a run stands inside epoch `epoch`, stored under 'recovery' in a recovery checkpoint.
+
+    `samples_seen` counts the samples all ranks used in this epoch: the sampler order is a
+    permutation of which exactly that prefix has been used (see utils.sampler), so a resumed run
+    skips exactly those samples even with another batch size or number of processes.
+    """
+    return dict(epoch=epoch, steps_done=steps_done, samples_seen=steps_done * batch_size * world_size,
+                num_updates=num_updates, rng=rng_state)
+
+
+def resume_step(record: dict, batch_size: int, world_size: int) -> int:
+    """The step number (within the epoch) at which a resumed run continues, for logs and schedules."""
+    return record["samples_seen"] // (batch_size * world_size)
+
+
+class RecoveryPoints:
+    """Called after every training step: writes a recovery checkpoint every `interval` steps and
+    when a stop was requested; returns True when the loop must stop.
+
+    `save(steps_done)` writes the checkpoint (on rank 0; the other ranks return at once). In a
+    distributed run the stop request is exchanged every `sync_every` steps, the same steps on every
+    rank, because the exchange makes all ranks wait for one another.
+    """
+
+    def __init__(self, request: StopRequest, save, device: torch.device, interval: int = 0, sync_every: int = 1):
+        if interval < 0:
+            raise ValueError(f"--recovery-interval must be 0 (off) or a number of steps, not {interval}")
+        self.request = request
+        self.save = save
+        self.device = device
+        self.interval = interval
+        self.sync_every = max(1, sync_every)
+        self.stopped_after: Optional[int] = None  # steps done in the epoch when the loop was stopped
+
+    def __call__(self, steps_done: int) -> bool:
+        stop = steps_done % self.sync_every == 0 and stop_requested(self.request, self.device)
+        if stop or (self.interval and steps_done % self.interval == 0):
+            self.save(steps_done)
+        if stop:
+            self.stopped_after = steps_done
+        return stop

@@ -20,7 +20,7 @@ from utils.data_layout import DatasetLayoutError, check_dataset_layout
 from utils.images import BadImageError, RobustImageFolder, SkipCounter, collate_samples, load_rgb
 from utils.nonfinite import NonFiniteGuard, NonFiniteLossError
 from utils.output_dir import OutputDirError, check_output_dir
-from utils.preemption import StopRequest, stop_requested
+from utils.preemption import RecoveryPoints, StopRequest, stop_requested
 from utils.rng_state import capture_rng_state, restore_rng_state
 from utils.sampler import ResumableSampler
 
@@ -331,3 +331,61 @@ def test_read_only_output_folder_is_a_clear_error(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 3, result.stderr
     assert "cannot write to output folder" in result.stdout and "Permission denied" in result.stdout
+
+
+def test_recovery_points_save_every_interval_and_on_stop():
+    saved = []
+    with StopRequest() as request:
+        points = RecoveryPoints(request, saved.append, CPU, interval=3)
+        assert [points(step) for step in (1, 2, 3, 4)] == [False] * 4
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert points(5) is True and points.stopped_after == 5
+    assert saved == [3, 5]
+
+
+# ---------------------------------------------------------------- safe loading and export
+
+class _RunsCode:
+    """Unpickling this object runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_whose_unpickling_runs_code_is_refused(tmp_path, capsys):
+    from models.weights import UnsafeFileError, safe_load
+    from tools.export_weights import main as export_main
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsCode(marker)}, evil)
+    with pytest.raises(UnsafeFileError, match="could run arbitrary code"):
+        safe_load(evil)
+    out = tmp_path / "out.safetensors"
+    assert export_main([str(evil), str(out)]) == 1
+    assert "refusing to read" in capsys.readouterr().err
+    assert not marker.exists() and not out.exists()
+
+
+def test_export_writes_plain_weights_that_load_into_the_model(tmp_path):
+    import argparse
+    import timm
+    from safetensors.torch import load_file
+    import models  # noqa: F401
+    from tools.export_weights import export_weights
+    model = timm.create_model("van_b0", num_classes=3)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    checkpoint = {"arch": "van_b0", "epoch": 2, "args": argparse.Namespace(lr=0.1),
+                  "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+                  "state_dict_ema": ema, "optimizer": {"state": {}, "param_groups": []}}
+    torch.save(checkpoint, tmp_path / "last.pth.tar")
+    export_weights(str(tmp_path / "last.pth.tar"), str(tmp_path / "w.safetensors"))
+    export_weights(str(tmp_path / "last.pth.tar"), str(tmp_path / "ema.safetensors"), ema=True)
+    weights = load_file(tmp_path / "w.safetensors")
+    fresh = timm.create_model("van_b0", num_classes=3)
+    fresh.load_state_dict(weights)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(load_file(tmp_path / "ema.safetensors")["head.bias"], ema["head.bias"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors", "last.pth.tar", "w.safetensors"]
