@@ -1,0 +1,430 @@
+#!/usr/bin/env python3
+"""Train or evaluate a VAN model on an ImageFolder dataset (the reference recipe by default).
+
+    python main.py --data_path DIR [--model van_b0] [--amp] [--device auto|npu|cuda|cpu] ...
+    torchrun --nproc_per_node 8 main.py --data_path DIR --model van_base -b 128 --amp
+    python main.py --data_path DIR --eval --resume output/train/RUN/model_best.pth.tar
+
+This file only wires the parts in utils/ together; see `build_parser` for every option.
+"""
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import yaml
+
+import models  # noqa: F401  (registers the VAN variants with timm)
+import timm
+from timm.data import resolve_data_config
+from timm.utils import ModelEmaV3, distribute_bn
+from torchvision.datasets.folder import find_classes
+
+from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, create_precision, parse_loss_scale
+from utils.checkpoint import (CheckpointError, CheckpointSaver, find_resume_checkpoint,
+                              read_training_checkpoint)
+from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
+                        build_train_criterion, find_split_dirs)
+from utils.device import DEVICE_CHOICES, DeviceError, cleanup_distributed, init_distributed_device
+from utils.engine import NonFiniteLossError, evaluate, set_seed, train_one_epoch
+from utils.logger import setup_logger, update_summary
+from utils.optim import create_optimizer, create_scheduler
+
+# Errors a user can cause: reported as one message, exit status 2, no traceback.
+USER_ERRORS = (DatasetError, CheckpointError, DeviceError, AmpError, NonFiniteLossError)
+
+
+class ModelError(ValueError):
+    """The model cannot be built as asked (unknown name, unreadable --pretrained file)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('-c', '--config', default='', metavar='YAML',
+                        help='YAML file whose keys (flag names, - or _) set defaults; the command line wins')
+    group = parser.add_argument_group('data')
+    group.add_argument('data_dir', nargs='?', default=None, help='dataset root (same as --data_path)')
+    group.add_argument('--data_path', '--data-path', dest='data_path', default=None, metavar='DIR',
+                       help='dataset root holding train/ and val/ (or validation/), one folder per class')
+    group.add_argument('-j', '--workers', type=int, default=4, help='data loading processes per device')
+    group.add_argument('--pin-mem', action='store_true', help='pin host memory of batches (faster copies to GPU/NPU)')
+
+    group = parser.add_argument_group('model')
+    group.add_argument('--model', default='van_b0', help='van_b0..van_b6, van_tiny/small/base/large')
+    group.add_argument('--pretrained', default=None, metavar='PATH',
+                       help='start from these weights (official, timm-style checkpoint or HuggingFace file)')
+    group.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
+    group.add_argument('--lka-impl', default='auto', choices=('auto', 'plain', 'fast'),
+                       help='implementation of the large-kernel attention convolutions')
+    group.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s, 224)')
+    group.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction (default 0.9)')
+    group.add_argument('--mean', type=float, nargs=3, default=None, metavar='M', help='normalisation mean')
+    group.add_argument('--std', type=float, nargs=3, default=None, metavar='S', help='normalisation std')
+    group.add_argument('--interpolation', default=None, help='eval resize interpolation (default bicubic)')
+    group.add_argument('--drop', type=float, default=0.0, help='dropout rate')
+    group.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate (0.2 for van_b3)')
+    group.add_argument('--channels-last', action='store_true', help='run the model in channels_last memory format')
+    group.add_argument('--compile', action='store_true', help='torch.compile the model')
+    group.add_argument('--sync-bn', action='store_true', help='synchronise BatchNorm statistics across devices')
+    group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
+                       help='after each epoch average (reduce) or copy rank 0\'s (broadcast) BN statistics')
+    group.add_argument('--model-ema', action='store_true', help='keep, evaluate and save an EMA of the weights')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay per update')
+
+    group = parser.add_argument_group('optimizer and schedule')
+    group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per device')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, help='default: --batch-size')
+    group.add_argument('--opt', default='adamw', help='any timm optimizer name')
+    group.add_argument('--opt-eps', type=float, default=None, help='optimizer epsilon')
+    group.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
+    group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    group.add_argument('--weight-decay', type=float, default=0.05, help='not applied to biases and 1-D parameters')
+    group.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (off by default)')
+    group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
+    group.add_argument('--sched', default='cosine', help='timm scheduler name')
+    group.add_argument('--lr', type=float, default=1e-3, help='peak learning rate')
+    group.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warmup')
+    group.add_argument('--min-lr', type=float, default=1e-6, help='end of the cosine and the cooldown lr')
+    group.add_argument('--epochs', type=int, default=300, help='epochs of the schedule (cooldown comes on top)')
+    group.add_argument('--warmup-epochs', type=int, default=5)
+    group.add_argument('--cooldown-epochs', type=int, default=10)
+    group.add_argument('--decay-epochs', type=float, default=100, help='step schedulers: epochs between decays')
+    group.add_argument('--decay-rate', type=float, default=0.1, help='step schedulers: decay factor')
+    group.add_argument('--sched-on-updates', action='store_true',
+                       help='update the learning rate every step instead of once per epoch (the reference)')
+
+    group = parser.add_argument_group('augmentation and regularisation')
+    group.add_argument('--train-interpolation', default='random', help='training resize interpolation')
+    group.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random-resized-crop area range')
+    group.add_argument('--ratio', type=float, nargs=2, default=(3. / 4., 4. / 3.), help='random-resized-crop aspect range')
+    group.add_argument('--hflip', type=float, default=0.5)
+    group.add_argument('--vflip', type=float, default=0.0)
+    group.add_argument('--color-jitter', type=float, default=0.4)
+    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="auto-augment policy; 'none' disables it")
+    group.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    group.add_argument('--remode', default='pixel', help='random erasing mode')
+    group.add_argument('--recount', type=int, default=1, help='random erasing count')
+    group.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
+    group.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
+    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None)
+    group.add_argument('--mixup-prob', type=float, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'))
+    group.add_argument('--mixup-off-epoch', type=int, default=0, help='turn mixup off from this epoch (0 = never)')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+
+    group = parser.add_argument_group('precision and device')
+    group.add_argument('--amp', action='store_true', help='mixed precision (O1)')
+    group.add_argument('--amp-backend', default=None, choices=AMP_BACKENDS,
+                       help='auto (default): apex on NPU when installed, else native torch.autocast')
+    group.add_argument('--opt-level', default=None, choices=OPT_LEVELS, help='apex opt level (default O1)')
+    group.add_argument('--loss-scale', default=None, help="'dynamic' (default) or a fixed number")
+    group.add_argument('--amp-dtype', default=None, choices=AMP_DTYPES,
+                       help='native autocast type; auto (default) = float16 on GPU/NPU, bfloat16 on CPU')
+    group.add_argument('--device', default='auto', choices=DEVICE_CHOICES)
+    group.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=-1,
+                       help='set by torch.distributed.launch; torchrun uses LOCAL_RANK instead')
+
+    group = parser.add_argument_group('run')
+    group.add_argument('--seed', type=int, default=42)
+    group.add_argument('--output', default='./output/train', metavar='DIR', help='parent of the run dir')
+    group.add_argument('--experiment', default=None, metavar='NAME',
+                       help='run dir name (default <YYYYmmdd-HHMMSS>-<model>-<img size>)')
+    group.add_argument('--resume', default=None, metavar='PATH|auto',
+                       help="continue a run from a checkpoint; 'auto' = newest checkpoint in the run dir")
+    group.add_argument('--eval', action='store_true', help='only evaluate --resume/--pretrained weights')
+    group.add_argument('--log-interval', type=int, default=50, help='steps between training log lines')
+    group.add_argument('--checkpoint-hist', type=int, default=10, help='keep the best N checkpoint-<epoch> files')
+    group.add_argument('--max-steps-per-epoch', type=int, default=None,
+                       help='cap the steps of each epoch (performance runs)')
+    return parser
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except OSError as error:
+        parser.error(f'cannot read --config {path!r}: {error.strerror}')
+    except yaml.YAMLError as error:
+        parser.error(f'--config {path!r} is not valid YAML: {error}')
+    if not isinstance(config, dict):
+        parser.error(f'--config {path!r} must be a mapping of option: value')
+    known = {action.dest for action in parser._actions}
+    defaults = {str(key).replace('-', '_'): value for key, value in config.items()}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        parser.error(f'--config {path!r} sets unknown options: {", ".join(unknown)}')
+    return defaults
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command line over YAML config over recipe defaults, then combination checks."""
+    parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.config:
+        parser.set_defaults(**_config_defaults(parser, args.config))
+    args = parser.parse_args(argv)
+
+    args.data_path = args.data_path or args.data_dir
+    if not args.data_path:
+        parser.error('the dataset root is required: --data_path DIR (DIR/train and DIR/val)')
+    if args.eval and not (args.resume or args.pretrained):
+        parser.error('--eval needs the weights to evaluate: --resume PATH or --pretrained PATH')
+    amp_options = {'--amp-backend': args.amp_backend, '--opt-level': args.opt_level,
+                   '--loss-scale': args.loss_scale, '--amp-dtype': args.amp_dtype}
+    given = [flag for flag, value in amp_options.items() if value is not None]
+    if given and not args.amp:
+        parser.error(f'{", ".join(given)} only apply with --amp')
+    args.amp_backend = args.amp_backend or 'auto'
+    args.opt_level = args.opt_level or 'O1'
+    args.amp_dtype = args.amp_dtype or 'auto'
+    try:
+        args.loss_scale = parse_loss_scale(args.loss_scale or 'dynamic')
+    except ValueError as error:
+        parser.error(str(error))
+    if args.opt_level != 'O1' and args.amp_backend == 'native':
+        parser.error(f'--opt-level {args.opt_level} needs --amp-backend apex; native autocast is O1 only')
+    for flag, value, minimum in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
+                                 ('--log-interval', args.log_interval, 1), ('--workers', args.workers, 0),
+                                 ('--warmup-epochs', args.warmup_epochs, 0),
+                                 ('--cooldown-epochs', args.cooldown_epochs, 0),
+                                 ('--checkpoint-hist', args.checkpoint_hist, 0),
+                                 ('--max-steps-per-epoch', args.max_steps_per_epoch or 1, 1),
+                                 ('--img-size', args.img_size or 32, 32)):
+        if value < minimum:
+            parser.error(f'{flag} must be at least {minimum}, got {value}')
+    mixup_on = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup_on and args.batch_size % 2:
+        parser.error(f'mixup/cutmix mixes pairs and needs an even --batch-size (got {args.batch_size}); '
+                     'change it or pass --mixup 0 --cutmix 0')
+    if args.resume == 'auto' and args.eval and not args.experiment:
+        parser.error('--eval --resume auto needs --experiment NAME to know which run to evaluate')
+    return args
+
+
+def resolve_run_dir(args) -> str:
+    """--output/--experiment, or for --resume auto without --experiment the newest run under --output
+    that holds a checkpoint, else a new <time>-<model>-<size> dir."""
+    if args.experiment:
+        return os.path.join(args.output, args.experiment)
+    if args.resume == 'auto' and os.path.isdir(args.output):
+        runs = [os.path.join(args.output, d) for d in os.listdir(args.output)]
+        runs = [d for d in runs if os.path.isfile(os.path.join(d, 'last.pth.tar'))]
+        if runs:
+            return max(runs, key=lambda d: os.path.getmtime(os.path.join(d, 'last.pth.tar')))
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    return os.path.join(args.output, f'{stamp}-{args.model}-{args.img_size or 224}')
+
+
+def create_model(args, num_classes: int):
+    kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                  lka_impl=args.lka_impl)
+    if args.pretrained:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=args.pretrained))
+    try:
+        return timm.create_model(args.model, **kwargs)
+    except (FileNotFoundError, ValueError) as error:  # the models package's messages name the fix
+        raise ModelError(f'cannot build {args.model!r}: {error}') from None
+    except RuntimeError as error:
+        if 'Unknown model' in str(error) or args.pretrained:
+            raise ModelError(f'cannot build {args.model!r}: {error}') from None
+        raise
+
+
+def restore(checkpoint: dict, path: str, model, optimizer, precision, model_ema, class_to_idx: dict,
+            weights_only: bool = False) -> None:
+    """Load a training checkpoint into the run; a checkpoint of another model or dataset is refused."""
+    saved_classes = checkpoint.get('class_to_idx')
+    if saved_classes is not None and saved_classes != class_to_idx:
+        raise CheckpointError(f'{path!r} was trained on classes {sorted(saved_classes)[:10]} '
+                              f'but the dataset has {sorted(class_to_idx)[:10]}: use the matching --data_path')
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
+                  for k, v in checkpoint['state_dict'].items()}
+    try:
+        model.load_state_dict(state_dict)
+        if model_ema is not None and checkpoint.get('state_dict_ema') is not None:
+            model_ema.module.load_state_dict(checkpoint['state_dict_ema'])
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f'{path!r} (arch {checkpoint.get("arch")!r}) does not fit --model '
+                              f'{getattr(model, "pretrained_cfg", {}).get("architecture", "?")}: {first_line}') from None
+    if weights_only:
+        return
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    precision.load_state_dict(checkpoint.get(precision.checkpoint_key) if precision.checkpoint_key else None)
+
+
+SCHEDULE_OPTIONS = ('sched', 'lr', 'warmup_lr', 'min_lr', 'epochs', 'warmup_epochs', 'cooldown_epochs',
+                    'decay_epochs', 'decay_rate', 'sched_on_updates')
+
+
+def schedule_options(args: dict) -> dict:
+    return {k: args.get(k) for k in SCHEDULE_OPTIONS}
+
+
+def plain_args(args) -> dict:
+    """args as a dict of plain values (loadable with weights_only=True, writable as YAML)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+
+
+def run(args) -> None:
+    dist_env = init_distributed_device(args.device, args.local_rank)
+    device = dist_env.device
+    run_dir = None if args.eval else resolve_run_dir(args)
+    if run_dir and dist_env.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    logger = setup_logger(dist_env.is_main, os.path.join(run_dir, 'log.txt') if run_dir else None)
+    logger.info(f'device {device}, world size {dist_env.world_size}' + (f', run dir {run_dir}' if run_dir else ''))
+    if run_dir and dist_env.is_main:
+        with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(plain_args(args), f, sort_keys=True)
+
+    train_dir, _ = find_split_dirs(args.data_path)
+    classes, _ = find_classes(train_dir) if os.listdir(train_dir) else ([], None)
+    num_classes = args.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise DatasetError(f'--num-classes {num_classes} is smaller than the {len(classes)} class folders '
+                           f'in {train_dir!r}')
+
+    set_seed(args.seed)  # same initial weights on every rank
+    model = create_model(args, num_classes)
+    config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean,
+                                      std=args.std, interpolation=args.interpolation), model=model)
+    data_config = DataConfig(config['input_size'], config['interpolation'], config['mean'], config['std'],
+                             config['crop_pct'])
+    train_aug = dict(scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+                     color_jitter=args.color_jitter, auto_augment=None if args.aa == 'none' else args.aa,
+                     re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+                     interpolation=args.train_interpolation)
+    train_set, val_set, class_to_idx = build_datasets(args.data_path, data_config, train_aug, args.seed)
+    train_loader, val_loader = build_loaders(
+        None if args.eval else train_set, val_set, args.batch_size, args.validation_batch_size or args.batch_size,
+        args.workers, dist_env.rank, dist_env.world_size, args.seed, args.pin_mem)
+    logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, '
+                f'{len(train_set)} train / {len(val_set)} val images, input {data_config.input_size}')
+
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn and dist_env.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = create_optimizer(model, device, args.opt, args.lr, args.weight_decay, args.momentum,
+                                 args.opt_eps, args.opt_betas)
+    model, optimizer, precision = create_precision(model, optimizer, device, args.amp, args.amp_backend,
+                                                   args.opt_level, args.loss_scale, args.amp_dtype)
+    logger.info(f'{precision}, optimizer {type(optimizer).__name__}')
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+
+    steps_per_epoch = (len(train_loader) if train_loader else 1)
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    scheduler, total_epochs = create_scheduler(
+        optimizer, args.epochs, args.cooldown_epochs, args.warmup_epochs, args.warmup_lr, args.min_lr,
+        args.sched, args.decay_epochs, args.decay_rate, args.sched_on_updates, steps_per_epoch)
+
+    start_epoch, saver_state = 0, {}
+    checkpoint_path, checkpoint = None, None
+    if args.resume == 'auto':
+        found = find_resume_checkpoint(run_dir) if run_dir else None
+        if found is None and args.eval:
+            raise CheckpointError(f'no checkpoint to evaluate in {os.path.join(args.output, args.experiment)!r}')
+        checkpoint_path, checkpoint = found or (None, None)
+        if checkpoint is None:
+            logger.info(f'--resume auto: no checkpoint in {run_dir}, starting from scratch')
+    elif args.resume:
+        checkpoint_path, checkpoint = args.resume, read_training_checkpoint(args.resume)
+    if checkpoint is not None:
+        restore(checkpoint, checkpoint_path, model, optimizer, precision, model_ema, class_to_idx,
+                weights_only=args.eval)
+        start_epoch = checkpoint['epoch'] + 1
+        if checkpoint.get('scheduler') and not args.eval:
+            if schedule_options(checkpoint.get('args') or {}) == schedule_options(vars(args)):
+                scheduler.load_state_dict(checkpoint['scheduler'])
+            else:
+                logger.info('schedule options differ from the checkpoint\'s: following the new ones')
+        saver_state = dict(history=checkpoint.get('checkpoint_history'),
+                           best=(checkpoint['best_metric'], checkpoint['best_epoch'])
+                           if checkpoint.get('best_metric') is not None else None)
+        logger.info(f'resumed from {checkpoint_path} (epoch {checkpoint["epoch"]} done)')
+
+    eval_model = torch.compile(model) if args.compile else model
+    train_model = eval_model
+    if dist_env.distributed:
+        device_ids = None if device.type == 'cpu' else [device.index]
+        train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
+
+    eval_kwargs = dict(device=device, dist_env=dist_env, logger=logger, autocast=precision.autocast,
+                       log_interval=args.log_interval, channels_last=args.channels_last)
+    if args.eval:
+        # Evaluate the bare model: DDP's forward would sync buffers, and ranks hold unequal shards.
+        evaluate(eval_model, val_loader, **eval_kwargs)
+        return
+
+    mixup_fn = build_mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
+                           args.mixup_mode, args.smoothing, num_classes)
+    criterion = build_train_criterion(mixup_fn, args.smoothing)
+    if start_epoch > 0:
+        if args.sched_on_updates:
+            scheduler.step_update(start_epoch * steps_per_epoch)
+        else:
+            scheduler.step(start_epoch)
+    saver = CheckpointSaver(run_dir, args.checkpoint_hist, **saver_state) if dist_env.is_main else None
+    best = saver_state.get('best')
+    for epoch in range(start_epoch, total_epochs):
+        # Seed per epoch so that drop path and mixup draw the same numbers whether or not the run
+        # was resumed; per-image augmentation is seeded in the dataset.
+        set_seed(args.seed, epoch, dist_env.rank)
+        train_loader.sampler.set_epoch(epoch)
+        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False
+        train_stats = train_one_epoch(
+            train_model, train_loader, criterion, optimizer, precision, device, epoch, dist_env, logger,
+            mixup_fn=mixup_fn, lr_scheduler=scheduler, num_updates=epoch * steps_per_epoch,
+            clip_grad=args.clip_grad, clip_mode=args.clip_mode, model_ema=model_ema,
+            log_interval=args.log_interval, max_steps=args.max_steps_per_epoch, channels_last=args.channels_last)
+        if dist_env.distributed and args.dist_bn and not args.sync_bn:
+            distribute_bn(model, dist_env.world_size, reduce=args.dist_bn == 'reduce')
+        metrics = evaluate(eval_model, val_loader, **eval_kwargs)
+        if model_ema is not None:
+            if dist_env.distributed and args.dist_bn and not args.sync_bn:
+                distribute_bn(model_ema, dist_env.world_size, reduce=args.dist_bn == 'reduce')
+            evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
+        scheduler.step(epoch + 1, metrics['top1'])
+        if dist_env.is_main:
+            update_summary(os.path.join(run_dir, 'summary.csv'), dict(
+                epoch=epoch, train_loss=f"{train_stats['loss']:.6f}", lr=f"{train_stats['lr']:.6e}",
+                eval_loss=f"{metrics['loss']:.6f}", eval_top1=f"{metrics['top1']:.4f}",
+                eval_top5=f"{metrics['top5']:.4f}"))
+            state = dict(arch=args.model, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), version=2, args=plain_args(args),
+                         class_to_idx=class_to_idx)
+            if precision.checkpoint_key:
+                state[precision.checkpoint_key] = precision.state_dict()
+            if model_ema is not None:
+                state['state_dict_ema'] = model_ema.module.state_dict()
+            best = saver.save(state, epoch, metrics['top1'])
+        elif best is None or metrics['top1'] > best[0]:
+            best = (metrics['top1'], epoch)  # every rank has the same metrics
+    if best is not None:
+        logger.info(f'*** Best metric: {best[0]:.3f} (epoch {best[1]})')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except USER_ERRORS + (ModelError,) as error:
+        print(f'error: {error}', file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted; the last completed epoch is in last.pth.tar (--resume auto continues)', file=sys.stderr)
+        return 130
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Mixed precision ("AMP O1") as one object, whatever the backend.
+
+The training loop always writes
+    with precision.autocast():
+        loss = criterion(model(x), y)
+    precision.backward_step(loss, optimizer, clip_grad=..., parameters=...)
+and `Precision` hides which backend runs: none (fp32), native `torch.autocast` (+ GradScaler for
+float16), or apex `amp.initialize` (Ascend's build, or an old NVIDIA build that still has `apex.amp`).
+The apex gate lives here and nowhere else.
+"""
+import contextlib
+import functools
+import importlib
+from typing import Callable, Iterable, Optional
+
+import torch
+from timm.utils import dispatch_clip_grad
+
+AMP_BACKENDS = ('auto', 'apex', 'native')
+AMP_DTYPES = ('auto', 'float16', 'bfloat16')
+OPT_LEVELS = ('O1', 'O2')
+
+
+class AmpError(RuntimeError):
+    """The requested mixed-precision setup cannot run here."""
+
+
+def find_apex_amp():
+    """Return the `apex.amp` module when an apex with amp.initialize is importable, else None.
+
+    The PyPI package named `apex` is unrelated and NVIDIA's current apex dropped `apex.amp`; both
+    count as absent.
+    """
+    try:
+        apex_amp = importlib.import_module('apex.amp')
+    except Exception:  # apex builds can fail at import in many ways (missing CUDA/CANN libs)
+        return None
+    return apex_amp if hasattr(apex_amp, 'initialize') else None
+
+
+def parse_loss_scale(value: str):
+    """'dynamic' or a positive number, for --loss-scale."""
+    if str(value) == 'dynamic':
+        return 'dynamic'
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise ValueError(f"--loss-scale must be 'dynamic' or a positive number, got {value!r}")
+    return number
+
+
+def resolve_amp_backend(requested: str, device_type: str, apex_available: bool) -> str:
+    """Choose 'apex' or 'native' for --amp.
+
+    auto takes apex on NPU when it is installed (Ascend's fused O1 path, the ModelZoo setup) and
+    native autocast elsewhere: on GPU native autocast is the maintained O1 equivalent, and apex
+    never supported CPU. `apex` asks for it explicitly (NPU or GPU).
+    """
+    if requested not in AMP_BACKENDS:
+        raise AmpError(f"--amp-backend {requested!r} is not one of {', '.join(AMP_BACKENDS)}")
+    if requested == 'native':
+        return 'native'
+    if requested == 'apex':
+        if not apex_available:
+            raise AmpError('--amp-backend apex was asked for but apex.amp is not importable (install '
+                           "Ascend's apex on NPU; NVIDIA's current apex has no amp). Use --amp-backend native.")
+        if device_type == 'cpu':
+            raise AmpError('--amp-backend apex needs an NPU or GPU; on CPU use --amp-backend native (bfloat16).')
+        return 'apex'
+    return 'apex' if apex_available and device_type == 'npu' else 'native'
+
+
+def resolve_amp_dtype(requested: str, device_type: str) -> torch.dtype:
+    """float16 on accelerators, bfloat16 on CPU (the only half type CPU autocast runs fast)."""
+    if requested not in AMP_DTYPES:
+        raise AmpError(f"--amp-dtype {requested!r} is not one of {', '.join(AMP_DTYPES)}")
+    if requested == 'auto':
+        return torch.bfloat16 if device_type == 'cpu' else torch.float16
+    return getattr(torch, requested)
+
+
+class Precision:
+    """Autocast context factory + backward/step, with a checkpointable state.
+
+    `checkpoint_key` is the key the state is saved under ('amp_scaler' for GradScaler, 'amp' for
+    apex, None when there is nothing to save), matching timm-style checkpoints.
+    """
+
+    def __init__(self, backend: str, autocast: Callable[[], contextlib.AbstractContextManager],
+                 dtype: torch.dtype = torch.float32, scaler=None, apex_amp=None):
+        self.backend = backend
+        self.dtype = dtype
+        self.autocast = autocast
+        self._scaler = scaler
+        self._apex_amp = apex_amp
+        if apex_amp is not None:
+            self.checkpoint_key = 'amp'
+        elif scaler is not None:
+            self.checkpoint_key = 'amp_scaler'
+        else:
+            self.checkpoint_key = None
+
+    def __repr__(self):
+        scale = 'GradScaler' if self._scaler is not None else 'no scaler'
+        return f'Precision(backend={self.backend}, dtype={self.dtype}, {scale})'
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      clip_grad: Optional[float] = None, clip_mode: str = 'norm',
+                      parameters: Optional[Iterable[torch.nn.Parameter]] = None) -> None:
+        """Backward, optional gradient clipping (on unscaled gradients), optimizer step."""
+        if self._apex_amp is not None:
+            with self._apex_amp.scale_loss(loss, optimizer) as scaled_loss:
+                scaled_loss.backward()
+            if clip_grad is not None:
+                dispatch_clip_grad(self._apex_amp.master_params(optimizer), clip_grad, mode=clip_mode)
+            optimizer.step()
+        elif self._scaler is not None:
+            self._scaler.scale(loss).backward()
+            if clip_grad is not None:
+                self._scaler.unscale_(optimizer)
+                dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
+            self._scaler.step(optimizer)
+            self._scaler.update()
+        else:
+            loss.backward()
+            if clip_grad is not None:
+                dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
+            optimizer.step()
+
+    def state_dict(self):
+        if self._apex_amp is not None:
+            return self._apex_amp.state_dict()
+        return self._scaler.state_dict() if self._scaler is not None else None
+
+    def load_state_dict(self, state) -> None:
+        if state is None:
+            return
+        if self._apex_amp is not None:
+            self._apex_amp.load_state_dict(state)
+        elif self._scaler is not None:
+            self._scaler.load_state_dict(state)
+
+
+def _grad_scaler(device_type: str, loss_scale):
+    kwargs = {}
+    if loss_scale != 'dynamic':
+        # A fixed scale: start there and never grow or shrink (overflowing steps are still skipped).
+        kwargs = dict(init_scale=float(loss_scale), growth_factor=1.0, backoff_factor=1.0)
+    try:
+        return torch.amp.GradScaler(device_type, **kwargs)
+    except Exception:
+        # Older torch_npu registers its scaler only under torch.npu.amp.
+        return torch.npu.amp.GradScaler(**kwargs)
+
+
+def create_precision(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                     enabled: bool, backend: str = 'auto', opt_level: str = 'O1',
+                     loss_scale='dynamic', amp_dtype: str = 'auto'):
+    """Set up mixed precision; returns (model, optimizer, Precision).
+
+    Call before wrapping the model in DistributedDataParallel (apex.amp.initialize must see the bare
+    model). Without --amp the same object runs the plain fp32 path.
+    """
+    if not enabled:
+        return model, optimizer, Precision('none', contextlib.nullcontext)
+    loss_scale = parse_loss_scale(loss_scale) if isinstance(loss_scale, str) else loss_scale
+    apex_amp = find_apex_amp()
+    chosen = resolve_amp_backend(backend, device.type, apex_amp is not None)
+    if opt_level not in OPT_LEVELS:
+        raise AmpError(f"--opt-level {opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
+    if opt_level != 'O1' and chosen != 'apex':
+        raise AmpError(f'--opt-level {opt_level} needs apex; native autocast only implements O1.')
+    if chosen == 'apex':
+        kwargs = dict(opt_level=opt_level, loss_scale=loss_scale)
+        if device.type == 'npu':
+            kwargs['combine_grad'] = True  # Ascend's apex fuses gradient buffers for speed
+        model, optimizer = apex_amp.initialize(model, optimizer, **kwargs)
+        # apex patches the ops itself: no autocast region is needed.
+        return model, optimizer, Precision('apex', contextlib.nullcontext, torch.float16, apex_amp=apex_amp)
+    dtype = resolve_amp_dtype(amp_dtype, device.type)
+    autocast = functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+    # bfloat16 has float32's exponent range, so gradients cannot underflow: no scaler needed.
+    scaler = _grad_scaler(device.type, loss_scale) if dtype == torch.float16 else None
+    return model, optimizer, Precision('native', autocast, dtype, scaler=scaler)

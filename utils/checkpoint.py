@@ -1,0 +1,135 @@
+"""Training checkpoints: atomic writes, best-N history, safe reading, and finding one to resume.
+
+Files in the run dir: last.pth.tar (every epoch), model_best.pth.tar, checkpoint-<epoch>.pth.tar
+(the best --checkpoint-hist epochs). A file is written to a temporary name, flushed, fsynced and
+renamed over the target, so a crash leaves either the old complete file or the new one.
+"""
+import glob
+import os
+import re
+import shutil
+
+import torch
+
+from models.weights import safe_load
+
+CHECKPOINT_FILES = ('last.pth.tar', 'model_best.pth.tar')
+HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
+REQUIRED_RESUME_KEYS = ('epoch', 'state_dict', 'optimizer')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or not a training checkpoint of this repo."""
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable; not supported on every platform/filesystem.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str) -> None:
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    tmp = f'{dst}.tmp{os.getpid()}'
+    with open(src, 'rb') as fin, open(tmp, 'wb') as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def read_file(path: str):
+    """Load a .pth/.pth.tar safely (weights_only); any failure becomes one CheckpointError message."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path!r} does not exist')
+    try:
+        return safe_load(path)
+    except Exception as error:  # unsafe pickle, truncated file, not a torch file ...
+        raise CheckpointError(f'cannot read checkpoint {path!r}: {error}') from None
+
+
+def read_training_checkpoint(path: str) -> dict:
+    """A checkpoint written by main.py (or a timm-style script): must hold epoch/state_dict/optimizer."""
+    checkpoint = read_file(path)
+    missing = [k for k in REQUIRED_RESUME_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise CheckpointError(f'{path!r} is not a training checkpoint (missing {", ".join(missing)}); '
+                              'to start from weights only, use --pretrained instead of --resume')
+    return checkpoint
+
+
+def find_resume_checkpoint(run_dir: str):
+    """The newest complete training checkpoint in `run_dir` (highest epoch; unreadable files are
+    skipped), or None. Returns (path, checkpoint)."""
+    candidates = [os.path.join(run_dir, name) for name in CHECKPOINT_FILES]
+    candidates += glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar'))
+    best = None
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            checkpoint = read_training_checkpoint(path)
+        except CheckpointError:
+            continue
+        if best is None or checkpoint['epoch'] > best[1]['epoch']:
+            best = (path, checkpoint)
+    return best
+
+
+class CheckpointSaver:
+    """Writes last/best/history checkpoints of one run, keeping the best `max_history` epochs."""
+
+    def __init__(self, run_dir: str, max_history: int = 10, history=None, best=None):
+        self.run_dir = run_dir
+        self.max_history = max_history
+        # [(metric, epoch)] of the checkpoint-<epoch> files written so far
+        self.history = [tuple(h) for h in (history or [])]
+        self.best = tuple(best) if best else None  # (metric, epoch)
+
+    def _history_path(self, epoch):
+        return os.path.join(self.run_dir, f'checkpoint-{epoch}.pth.tar')
+
+    def save(self, state: dict, epoch: int, metric: float):
+        """Save epoch `epoch` (whose metric is higher-is-better); returns the best (metric, epoch)."""
+        is_best = self.best is None or metric > self.best[0]
+        if is_best:
+            self.best = (metric, epoch)
+        # Re-saving an epoch (a resumed run repeating it) replaces its old history entry.
+        history = [h for h in self.history if h[1] != epoch]
+        keep_in_history = self.max_history > 0 and (
+            len(history) < self.max_history or metric > min(history)[0])
+        removed = []
+        if keep_in_history:
+            history = sorted(history + [(metric, epoch)], reverse=True)
+            removed, history = history[self.max_history:], history[:self.max_history]
+        self.history = history
+        state = dict(state, epoch=epoch, metric=metric, best_metric=self.best[0], best_epoch=self.best[1],
+                     checkpoint_history=[list(h) for h in self.history])
+        last = os.path.join(self.run_dir, 'last.pth.tar')
+        atomic_save(state, last)
+        if keep_in_history:
+            atomic_copy(last, self._history_path(epoch))
+        for _, old_epoch in removed:
+            if os.path.exists(self._history_path(old_epoch)):
+                os.remove(self._history_path(old_epoch))
+        if is_best:
+            atomic_copy(last, os.path.join(self.run_dir, 'model_best.pth.tar'))
+        return self.best

@@ -1,0 +1,188 @@
+"""ImageFolder datasets, timm transforms, loaders, Mixup/CutMix and the loss that goes with them.
+
+Training augmentation is made reproducible per image: the random state used to augment image i in
+epoch e depends only on (seed, e, i), so a resumed run, or a run with another number of workers,
+sees exactly the same images as an uninterrupted one, even with persistent workers.
+"""
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.datasets import ImageFolder
+
+VAL_DIR_NAMES = ('val', 'validation')
+
+
+class DatasetError(ValueError):
+    """The dataset folder is missing or malformed; the message says what to fix."""
+
+
+@dataclass
+class DataConfig:
+    """Preprocessing of the model (timm's resolve_data_config output, possibly overridden by flags)."""
+    input_size: tuple
+    interpolation: str
+    mean: tuple
+    std: tuple
+    crop_pct: float
+
+
+def find_split_dirs(data_path: str):
+    """(train_dir, val_dir) under the dataset root; val may be called val/ or validation/."""
+    if not os.path.isdir(data_path):
+        raise DatasetError(f'dataset folder {data_path!r} does not exist; pass --data_path DIR '
+                           'with DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg')
+    train_dir = os.path.join(data_path, 'train')
+    val_dirs = [os.path.join(data_path, name) for name in VAL_DIR_NAMES]
+    val_dir = next((d for d in val_dirs if os.path.isdir(d)), None)
+    if not os.path.isdir(train_dir):
+        raise DatasetError(f'{train_dir!r} does not exist: the dataset root must hold train/ and val/ '
+                           '(one sub-folder of images per class)')
+    if val_dir is None:
+        raise DatasetError(f'neither {val_dirs[0]!r} nor {val_dirs[1]!r} exists: the dataset root must '
+                           'hold train/ and val/ (one sub-folder of images per class)')
+    return train_dir, val_dir
+
+
+def _image_folder(root: str, transform) -> ImageFolder:
+    try:
+        return ImageFolder(root, transform=transform)
+    except (FileNotFoundError, RuntimeError) as error:
+        # torchvision raises when a split has no class folders or no images in them.
+        raise DatasetError(f'cannot read images under {root!r}: {error}') from None
+
+
+def check_same_classes(train_classes: Dict[str, int], val_classes: Dict[str, int], train_dir, val_dir):
+    if train_classes == val_classes:
+        return
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    raise DatasetError(
+        f'{train_dir!r} and {val_dir!r} must contain the same class folders; '
+        f'only in train: {only_train[:10] or "none"}, only in val: {only_val[:10] or "none"}')
+
+
+class SeededPerImage(Dataset):
+    """Wraps a training dataset so each image's augmentation is seeded by (seed, epoch, index).
+
+    The sampler yields (epoch, index) pairs. In the main process (workers=0) the global random
+    states are restored afterwards so model-side randomness (drop path, mixup) is not disturbed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, epoch_and_index):
+        epoch, index = epoch_and_index
+        image_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        in_main_process = torch.utils.data.get_worker_info() is None
+        if in_main_process:
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(image_seed)
+        np.random.seed(image_seed % 2**32)
+        torch.manual_seed(image_seed)
+        try:
+            return self.dataset[index]
+        finally:
+            if in_main_process:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+class EpochTaggingSampler(Sampler):
+    """A DistributedSampler whose indices carry the epoch, for SeededPerImage."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class ShardWithoutPadding(Sampler):
+    """Rank r evaluates images r, r+W, r+2W, ...: every image exactly once over all ranks.
+
+    DistributedSampler pads the last shard with repeated images so ranks get equal counts; that
+    would count those images twice in the accuracy.
+    """
+
+    def __init__(self, dataset_len: int, rank: int, world_size: int):
+        self.indices = range(rank, dataset_len, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, seed: int):
+    """(train_set, val_set, class_to_idx); `train_aug` holds timm create_transform kwargs for training
+    (auto_augment, re_prob, re_mode, re_count, color_jitter, interpolation)."""
+    train_dir, val_dir = find_split_dirs(data_path)
+    train_transform = create_transform(
+        data_config.input_size, is_training=True, mean=data_config.mean, std=data_config.std, **train_aug)
+    val_transform = create_transform(
+        data_config.input_size, is_training=False, interpolation=data_config.interpolation,
+        mean=data_config.mean, std=data_config.std, crop_pct=data_config.crop_pct)
+    train_folder = _image_folder(train_dir, train_transform)
+    val_folder = _image_folder(val_dir, val_transform)
+    check_same_classes(train_folder.class_to_idx, val_folder.class_to_idx, train_dir, val_dir)
+    return SeededPerImage(train_folder, seed), val_folder, dict(train_folder.class_to_idx)
+
+
+def build_loaders(train_set: Optional[Dataset], val_set: Dataset, batch_size: int, val_batch_size: int,
+                  workers: int, rank: int, world_size: int, seed: int, pin_memory: bool):
+    """Training loader (sharded and shuffled per epoch, last partial batch dropped as in the reference,
+    which also keeps Mixup's even-batch requirement) and an unpadded evaluation loader."""
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    train_loader = None
+    if train_set is not None:
+        per_rank = math.ceil(len(train_set) / world_size)
+        if per_rank < batch_size:
+            raise DatasetError(f'the training set has {len(train_set)} images, fewer than one batch per '
+                               f'process ({batch_size} x {world_size} processes); lower --batch-size')
+        sampler = EpochTaggingSampler(DistributedSampler(
+            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed))
+        train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
+    val_loader = DataLoader(val_set, batch_size=val_batch_size, shuffle=False, drop_last=False,
+                            sampler=ShardWithoutPadding(len(val_set), rank, world_size), **common)
+    return train_loader, val_loader
+
+
+def build_mixup(mixup: float, cutmix: float, cutmix_minmax, prob: float, switch_prob: float, mode: str,
+                smoothing: float, num_classes: int) -> Optional[Mixup]:
+    if mixup <= 0 and cutmix <= 0 and cutmix_minmax is None:
+        return None
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax, prob=prob,
+                 switch_prob=switch_prob, mode=mode, label_smoothing=smoothing, num_classes=num_classes)
+
+
+def build_train_criterion(mixup_fn: Optional[Mixup], smoothing: float) -> torch.nn.Module:
+    """Mixup produces soft targets (smoothing folded in); otherwise label smoothing or plain CE."""
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()
+    if smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=smoothing)
+    return torch.nn.CrossEntropyLoss()

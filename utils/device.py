@@ -1,0 +1,116 @@
+"""Device and distributed setup, resolved once at start.
+
+Everything after `init_distributed_device` only sees a `torch.device` and a `DistEnv`; the NPU
+gate (importing torch_npu) lives here and nowhere else.
+"""
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEVICE_CHOICES = ('auto', 'npu', 'cuda', 'cpu')
+BACKEND_BY_DEVICE = {'npu': 'hccl', 'cuda': 'nccl', 'cpu': 'gloo'}
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used on this machine."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs: its rank, the number of processes, and its device."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _npu_available() -> bool:
+    # torch_npu fails at import (missing libhccl.so) on machines without CANN, so only try it when
+    # it is installed, and treat an import failure as "no NPU".
+    if importlib.util.find_spec('torch_npu') is None:
+        return False
+    try:
+        import torch_npu  # noqa: F401  (registers the 'npu' device type)
+    except Exception:
+        return False
+    return hasattr(torch, 'npu') and torch.npu.is_available()
+
+
+def resolve_device_type(requested: str = 'auto') -> str:
+    """Return 'npu', 'cuda' or 'cpu' for --device; an absent requested device is a DeviceError."""
+    if requested not in DEVICE_CHOICES:
+        raise DeviceError(f"--device {requested!r} is not one of {', '.join(DEVICE_CHOICES)}")
+    if requested == 'auto':
+        if _npu_available():
+            return 'npu'
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if requested == 'npu' and not _npu_available():
+        raise DeviceError('--device npu was asked for but no NPU is usable: torch_npu is not installed, '
+                          'fails to import (CANN not sourced?) or sees no device. Use --device auto or cpu.')
+    if requested == 'cuda' and not torch.cuda.is_available():
+        raise DeviceError('--device cuda was asked for but torch sees no CUDA GPU. Use --device auto or cpu.')
+    return requested
+
+
+def _rank_env(local_rank_arg: int):
+    """(rank, world_size, local_rank) from torchrun's env, or torch.distributed.launch's --local_rank."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if 'LOCAL_RANK' in os.environ:
+        local_rank = int(os.environ['LOCAL_RANK'])
+    else:
+        local_rank = max(local_rank_arg, 0)
+    rank = int(os.environ.get('RANK', local_rank))
+    return rank, world_size, local_rank
+
+
+def init_distributed_device(device: str = 'auto', local_rank: int = -1) -> DistEnv:
+    """Pick the device and, when launched with several processes, join the process group.
+
+    The backend follows the device (hccl, nccl, gloo). Multi-node runs need nothing extra: torchrun's
+    --nnodes/--node_rank/--master_addr arrive as RANK/WORLD_SIZE/MASTER_ADDR in the environment.
+    """
+    device_type = resolve_device_type(device)
+    rank, world_size, local_rank = _rank_env(local_rank)
+    if device_type == 'cpu':
+        torch_device = torch.device('cpu')
+    else:
+        accelerator = getattr(torch, device_type)
+        if local_rank >= accelerator.device_count():
+            raise DeviceError(f'local rank {local_rank} has no {device_type} device '
+                              f'(this node has {accelerator.device_count()})')
+        # Set the current device before init_process_group so hccl/nccl bind to the right one.
+        accelerator.set_device(local_rank)
+        torch_device = torch.device(device_type, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=BACKEND_BY_DEVICE[device_type], init_method='env://',
+                                rank=rank, world_size=world_size)
+    return DistEnv(device=torch_device, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (only for timing at log points, never per step)."""
+    if device.type != 'cpu':
+        getattr(torch, device.type).synchronize(device)
+
+
+def all_reduce_sum(tensor: torch.Tensor, dist_env: DistEnv) -> torch.Tensor:
+    """Sum a tensor over all ranks (identity for one process); returns the same tensor."""
+    if dist_env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,155 @@
+"""The training and evaluation loops.
+
+Both take explicit arguments (no argparse namespace) so tests and tools can call them. Values are
+kept on the device and read back (.item(), which waits for the device) only at log points, and
+collectives run only at log points and at the end, the same number of times on every rank.
+"""
+import contextlib
+import random
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.device import DistEnv, all_reduce_sum, synchronize
+from utils.logger import AverageMeter
+
+FPS_WARMUP_STEPS = 5  # the first steps of an epoch (worker start, allocator warm-up) are not timed
+
+
+def set_seed(seed: int, epoch: int = 0, rank: int = 0) -> None:
+    """Seed python, numpy and torch from (seed, epoch, rank): each rank draws different drop-path and
+    mixup numbers, and an epoch draws the same ones whether the run was resumed or not."""
+    derived = (seed * 1_000_003 + epoch) * 1009 + rank
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss stayed NaN/inf for a whole log interval."""
+
+
+def _to_device(images, targets, device, channels_last):
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets
+
+
+def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimizer: torch.optim.Optimizer,
+                    precision, device: torch.device, epoch: int, dist_env: DistEnv, logger,
+                    mixup_fn: Optional[Callable] = None, lr_scheduler=None, num_updates: int = 0,
+                    clip_grad: Optional[float] = None, clip_mode: str = 'norm', model_ema=None,
+                    log_interval: int = 50, max_steps: Optional[int] = None, channels_last: bool = False):
+    """One pass over the training loader; returns dict(loss, lr, fps, num_updates)."""
+    model.train()
+    steps = len(loader) if not max_steps else min(len(loader), max_steps)
+    global_batch = loader.batch_size * dist_env.world_size
+    batch_time, data_time = AverageMeter(), AverageMeter()
+    loss_sum = torch.zeros((), device=device)
+    nonfinite_steps = torch.zeros((), device=device)
+    steps_since_log = 0
+    epoch_loss_sum = 0.0
+
+    previous_end = timed_start = time.perf_counter()
+    timed_steps = steps
+    for step, (images, targets) in enumerate(loader):
+        if step >= steps:
+            break
+        data_time.update(time.perf_counter() - previous_end)
+        images, targets = _to_device(images, targets, device, channels_last)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+
+        with precision.autocast():
+            output = model(images)
+            loss = criterion(output, targets)
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward_step(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
+                                parameters=model.parameters())
+        num_updates += 1
+        if model_ema is not None:
+            model_ema.update(model, step=num_updates)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+
+        loss = loss.detach().float()
+        loss_sum += loss
+        nonfinite_steps += (~torch.isfinite(loss)).float()
+        steps_since_log += 1
+        last_step = step == steps - 1
+        if steps > FPS_WARMUP_STEPS and step == FPS_WARMUP_STEPS - 1:
+            synchronize(device)
+            timed_start, timed_steps = time.perf_counter(), steps - FPS_WARMUP_STEPS
+        step_end = time.perf_counter()
+        batch_time.update(step_end - previous_end)  # includes data loading, like the FPS
+        previous_end = step_end
+        if (step + 1) % log_interval == 0 or last_step:
+            stats = torch.stack([loss, loss_sum, nonfinite_steps])
+            all_reduce_sum(stats, dist_env)
+            loss_now, loss_total, nonfinite = (stats / dist_env.world_size).tolist()
+            if nonfinite >= steps_since_log:
+                raise NonFiniteLossError(
+                    f'the training loss was NaN/inf at every step of epoch {epoch} steps '
+                    f'{step + 2 - steps_since_log}-{step + 1}; stopping instead of training on garbage. '
+                    'Lower --lr, enable --clip-grad, or check the data. The last good checkpoint is kept.')
+            nonfinite_steps.zero_()
+            steps_since_log = 0
+            lr = optimizer.param_groups[0]['lr']
+            logger.info(
+                f'Train: {epoch} [{step + 1:>4d}/{steps:>4d} ({100.0 * (step + 1) / steps:>3.0f}%)]  '
+                f'Loss: {loss_now:.4f} ({loss_total / (step + 1):.4f})  '
+                f'Time: {batch_time.val:.3f}s, {global_batch / max(batch_time.val, 1e-9):>6.2f}/s  '
+                f'LR: {lr:.3e}  Data: {data_time.val:.3f} ({data_time.avg:.3f})')
+            epoch_loss_sum = loss_total
+    synchronize(device)
+    elapsed = time.perf_counter() - timed_start
+    fps = global_batch * timed_steps / max(elapsed, 1e-9)
+    logger.info(f'Epoch {epoch} FPS:{fps:.2f}')
+    return dict(loss=epoch_loss_sum / max(steps, 1), lr=optimizer.param_groups[0]['lr'], fps=fps,
+                num_updates=num_updates)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: DistEnv, logger,
+             autocast: Callable = None, log_interval: int = 50, channels_last: bool = False,
+             log_prefix: str = ''):
+    """Loss, Acc@1, Acc@5 over the whole validation set, summed over ranks: every rank returns the
+    same numbers and each image counts once (the loader shards without padding)."""
+    model.eval()
+    autocast = autocast or contextlib.nullcontext
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct@1, correct@5, n
+    steps = len(loader)
+    for step, (images, targets) in enumerate(loader):
+        images, targets = _to_device(images, targets, device, channels_last)
+        with autocast():
+            output = model(images)
+        output = output.float()
+        loss = F.cross_entropy(output, targets, reduction='sum')
+        k = min(5, output.shape[1])
+        correct = output.topk(k, dim=1).indices.eq(targets[:, None])
+        batch = torch.stack([loss.double(), correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
+                             torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
+        sums += batch
+        if (step + 1) % log_interval == 0 or step == steps - 1:
+            b_loss, b_top1, b_top5, n = batch.tolist()
+            s_loss, s_top1, s_top5, s_n = sums.tolist()
+            logger.info(
+                f'{log_prefix}Test: [{step + 1:>4d}/{steps:>4d}]  '
+                f'Loss: {b_loss / n:.4f} ({s_loss / s_n:.4f})  '
+                f'Acc@1: {100 * b_top1 / n:.4f} ({100 * s_top1 / s_n:.4f})  '
+                f'Acc@5: {100 * b_top5 / n:.4f} ({100 * s_top5 / s_n:.4f})')
+    all_reduce_sum(sums, dist_env)
+    total_loss, top1, top5, images = sums.tolist()
+    images = int(round(images))
+    if images == 0:
+        raise ValueError('the validation set is empty')
+    metrics = dict(loss=total_loss / images, top1=100.0 * top1 / images, top5=100.0 * top5 / images,
+                   images=images)
+    logger.info(f"{log_prefix}* Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} "
+                f"Loss {metrics['loss']:.3f} (images {images})")
+    return metrics

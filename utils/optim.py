@@ -1,0 +1,62 @@
+"""Optimizer and learning-rate schedule, built from timm's factories.
+
+Weight decay is not applied to biases and 1-D parameters (norms, layer scales). AdamW runs fused
+where the device offers a fused kernel; the NPU gate is here only.
+"""
+import importlib
+
+import torch
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+
+
+def _npu_fused_adamw():
+    """torch_npu's NpuFusedAdamW, else Ascend apex's, else None."""
+    for module_name in ('torch_npu.optim', 'apex.optimizers'):
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:
+            continue
+        if hasattr(module, 'NpuFusedAdamW'):
+            return module.NpuFusedAdamW
+    return None
+
+
+def create_optimizer(model: torch.nn.Module, device: torch.device, opt: str = 'adamw', lr: float = 1e-3,
+                     weight_decay: float = 0.05, momentum: float = 0.9, eps=None, betas=None):
+    """Any timm optimizer by name; AdamW uses the device's fused kernel when one exists."""
+    kwargs = {}
+    if eps is not None:
+        kwargs['eps'] = eps
+    if betas is not None:
+        kwargs['betas'] = tuple(betas)
+    if opt.lower() == 'adamw' and device.type == 'npu':
+        fused_cls = _npu_fused_adamw()
+        if fused_cls is not None:
+            params = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=_no_decay_names(model))
+            return fused_cls(params, lr=lr, weight_decay=weight_decay, **kwargs)
+    if opt.lower() == 'adamw' and device.type == 'cuda':
+        kwargs['fused'] = True  # one kernel for all parameters instead of several per tensor
+    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                               filter_bias_and_bn=True, **kwargs)
+
+
+def _no_decay_names(model):
+    return set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, epochs: int = 300, cooldown_epochs: int = 10,
+                     warmup_epochs: int = 5, warmup_lr: float = 1e-6, min_lr: float = 1e-6,
+                     sched: str = 'cosine', decay_epochs: float = 90, decay_rate: float = 0.1,
+                     step_per_update: bool = False, updates_per_epoch: int = 0):
+    """The reference's schedule; returns (scheduler, total_epochs incl. cooldown).
+
+    As in the reference (timm 0.4.x create_scheduler): cosine over `epochs` counted from epoch 0 (the
+    warmup overlaps its start, no warmup prefix), linear warmup from `warmup_lr`, then `cooldown_epochs`
+    at `min_lr`. The learning rate changes once per epoch unless `step_per_update`.
+    """
+    return create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=epochs, decay_epochs=decay_epochs, decay_rate=decay_rate,
+        cooldown_epochs=cooldown_epochs, min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
+        warmup_prefix=False, step_on_epochs=not step_per_update,
+        updates_per_epoch=updates_per_epoch if step_per_update else 0)
