@@ -109,3 +109,12 @@ class RecoveryPoints:
         if stop:
             self.stopped_after = steps_done
         return stop
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving where it was; main.py reports it and exits with
+    128 + the signal number, the status a shell gives a process that the signal ended."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.exit_status = 128 + int(getattr(signal, signal_name, signal.SIGTERM))

@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def capture_rng_state(device: torch.device) -> Dict[str, Any]:
@@ -42,3 +43,14 @@ def _as_tuples(value):
     if isinstance(value, (list, tuple)):
         return tuple(_as_tuples(v) for v in value)
     return value
+
+
+def capture_all_ranks(device: torch.device) -> list:
+    """Every rank's RNG state, indexed by rank (each rank draws its own drop-path numbers).
+    All ranks must call it; in a single process it is a list of one."""
+    state = capture_rng_state(device)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
