@@ -2,6 +2,7 @@
 losses, unwritable output folders, unsafe checkpoint files."""
 import io
 import os
+import re
 import shutil
 import signal
 import struct
@@ -389,3 +390,168 @@ def test_export_writes_plain_weights_that_load_into_the_model(tmp_path):
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
     assert torch.equal(load_file(tmp_path / "ema.safetensors")["head.bias"], ema["head.bias"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors", "last.pth.tar", "w.safetensors"]
+
+
+# ---------------------------------------------------------------- the same faults in runs of main.py
+
+FAST_RECIPE = ['--img-size', '32', '-b', '8', '--warmup-epochs', '0', '--cooldown-epochs', '0', '-j', '0',
+               '--log-interval', '1', '--aa', 'none', '--reprob', '0']
+
+
+def _main_args(data, output, experiment, *extra):
+    return ['--data_path', str(data), '--output', str(output), '--experiment', experiment, *FAST_RECIPE, *extra]
+
+
+def _run_main(args, env, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, str(REPO / 'main.py'), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def _weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run(shapes_dataset, tmp_path,
+                                                                                  subprocess_env):
+    # Mixup, CutMix, random crops, flips and drop path stay on: resuming must continue every random stream.
+    common = ['--epochs', '2', '--max-steps-per-epoch', '4', '--drop-path', '0.1']
+    full = _run_main(_main_args(shapes_dataset, tmp_path, 'full', *common), subprocess_env)
+    assert full.returncode == 0, full.stderr
+
+    command = [sys.executable, str(REPO / 'main.py'), *_main_args(shapes_dataset, tmp_path, 'cut', *common)]
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith('Train: 0 [   2/'):  # inside epoch 0, after its second step
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, output
+    assert 'stopped by SIGTERM in epoch 0' in output and '--resume auto' in output
+    recovery = torch.load(tmp_path / 'cut' / 'recovery.pth.tar', weights_only=True)['recovery']
+    assert recovery['epoch'] == 0 and 2 <= recovery['steps_done'] < 4  # mid-epoch, not at a boundary
+    assert not (tmp_path / 'cut' / 'last.pth.tar').exists()
+
+    resumed = _run_main(_main_args(shapes_dataset, tmp_path, 'cut', *common, '--resume', 'auto'), subprocess_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"continuing epoch 0 after {recovery['samples_seen']} samples" in resumed.stdout
+    assert f"Train: 0 [   {recovery['steps_done'] + 1}/   4" in resumed.stdout  # no step repeated or skipped
+    expected, got = _weights(tmp_path / 'full' / 'last.pth.tar'), _weights(tmp_path / 'cut' / 'last.pth.tar')
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not (tmp_path / 'cut' / 'recovery.pth.tar').exists()  # superseded by the epoch checkpoints
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_leaves_only_complete_checkpoints_and_resume_finishes(shapes_dataset, tmp_path,
+                                                                                    subprocess_env):
+    from utils.checkpoint import find_resume_checkpoint, read_training_checkpoint
+    run_dir = tmp_path / 'run'
+    args = _main_args(shapes_dataset, tmp_path, 'run', '--epochs', '2', '--max-steps-per-epoch', '3',
+                      '--mixup', '0', '--cutmix', '0', '--recovery-interval', '1')  # a checkpoint every step
+    process = subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args], cwd=REPO, env=subprocess_env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = []
+    try:
+        while process.poll() is None and not partial:
+            # once one checkpoint is complete, wait for the next write to begin
+            if run_dir.exists() and list(run_dir.glob('*.pth.tar')):
+                partial = list(run_dir.glob('*.tmp*'))
+        process.send_signal(signal.SIGKILL)  # in the middle of writing a checkpoint
+    finally:
+        process.wait(timeout=60)
+    assert partial, 'the run ended before it wrote a checkpoint'
+    for path in run_dir.glob('*.pth.tar'):
+        read_training_checkpoint(str(path))  # every file under a final name is complete
+    found = find_resume_checkpoint(str(run_dir))
+    assert found is not None, 'killed before the first checkpoint was complete'
+
+    resumed = _run_main(args[:-2] + ['--resume', 'auto'], subprocess_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'resumed from {found[0]}' in resumed.stdout and '*** Best metric' in resumed.stdout
+    assert list(run_dir.glob('*.tmp*')) == []  # what the killed write left is cleaned up
+    assert read_training_checkpoint(str(run_dir / 'last.pth.tar'))['epoch'] == 1
+
+
+def test_nan_loss_stops_the_epoch_naming_the_step(caplog):
+    import logging
+    from utils.amp import create_precision
+    from utils.device import DistEnv
+    from utils.engine import NonFiniteGuard, NonFiniteLossError, train_one_epoch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, precision = create_precision(model, optimizer, CPU, enabled=False)
+    calls = []
+
+    def nan_at_step_3(output, target):
+        calls.append(1)
+        loss = torch.nn.functional.cross_entropy(output, target)
+        return loss * float('nan') if len(calls) == 3 else loss
+
+    data = torch.utils.data.TensorDataset(torch.randn(24, 3, 2, 2), torch.randint(0, 3, (24,)))
+    loader = DataLoader(data, batch_size=4)
+    with pytest.raises(NonFiniteLossError, match='not finite at epoch 0 step 3'):
+        train_one_epoch(model, loader, nan_at_step_3, optimizer, precision, CPU, 0, DistEnv(CPU),
+                        logging.getLogger('test'), log_interval=5,
+                        nonfinite_guard=NonFiniteGuard(scaler_skips_steps=False))
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_with_a_message_and_keeps_the_last_good_checkpoint(shapes_dataset, tmp_path,
+                                                                               subprocess_env):
+    args = _main_args(shapes_dataset, tmp_path, 'run', '--max-steps-per-epoch', '2', '--mixup', '0', '--cutmix', '0')
+    first = _run_main(args + ['--epochs', '1'], subprocess_env)
+    assert first.returncode == 0, first.stderr
+    good = _weights(tmp_path / 'run' / 'last.pth.tar')
+    # An absurd learning rate makes the weights, then the loss, overflow within a few steps.
+    diverged = _run_main(args + ['--epochs', '3', '--resume', 'auto', '--lr', '1e30', '--recovery-interval', '1'],
+                         subprocess_env)
+    assert diverged.returncode == 2, diverged.stderr
+    assert re.search(r'error: loss is not finite at epoch 1 step \d', diverged.stderr)
+    assert 'Traceback' not in diverged.stderr
+    kept = _weights(tmp_path / 'run' / 'last.pth.tar')
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+    recovery = tmp_path / 'run' / 'recovery.pth.tar'
+    assert not recovery.exists() or all(torch.isfinite(v).all() for v in _weights(recovery).values()
+                                        if v.is_floating_point())
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_when_one_of_two_processes_dies_the_other_exits_with_a_message(shapes_dataset, tmp_path, subprocess_env):
+    import time
+    port = _free_port()
+    args = _main_args(shapes_dataset, tmp_path, 'run', '--epochs', '50', '--mixup', '0', '--cutmix', '0',
+                      '--dist-timeout', '30')
+    processes = []
+    for rank in range(2):
+        env = dict(subprocess_env, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE='2')
+        processes.append(subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args], cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    survivor, victim = processes
+    try:
+        for line in survivor.stdout:
+            if line.startswith('Train: 0 [   1/'):  # both processes are training
+                break
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        output = survivor.stdout.read()
+        status = survivor.wait(timeout=120)
+        waited = time.monotonic() - killed_at
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    assert status == 1, output
+    assert 'lost contact with the others' in output and '--resume auto' in output
+    assert waited < 60  # bounded by --dist-timeout, not a hang
+    assert 'Traceback' not in output
