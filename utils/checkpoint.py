@@ -56,12 +56,40 @@ def _temporary_for(path: str):
         raise
 
 
+class _WriteAll:
+    """Unbuffered file-like for torch.save that writes every byte or raises the OSError. torch's zip
+    writer reports a failed or partial write (full disk) only as 'unexpected pos', hiding the cause."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.error = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast('B')
+        done = 0
+        try:
+            while done < len(view):
+                done += self.raw.write(view[done:])
+        except OSError as error:
+            self.error = error
+            raise
+        return done
+
+    def flush(self) -> None:
+        pass
+
+
 def atomic_save(obj, path: str) -> None:
     with _temporary_for(path) as tmp:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, 'wb', buffering=0) as raw:
+            writer = _WriteAll(raw)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 

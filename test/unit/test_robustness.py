@@ -555,3 +555,103 @@ def test_when_one_of_two_processes_dies_the_other_exits_with_a_message(shapes_da
     assert 'lost contact with the others' in output and '--resume auto' in output
     assert waited < 60  # bounded by --dist-timeout, not a hang
     assert 'Traceback' not in output
+
+
+def _copy_dataset(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.mark.slow
+def test_run_with_bad_images_skips_reports_and_counts_them(shapes_dataset, tmp_path, subprocess_env):
+    data = _copy_dataset(shapes_dataset, tmp_path / 'data')
+    train_bad = _write_bad_images(data / 'train' / 'circle_red')
+    _write_usable_images(data / 'train' / 'square_green')  # odd modes are used, not skipped
+    (data / 'val' / 'cross_yellow' / 'broken.jpg').write_bytes(_jpeg_bytes()[:300])
+    (data / 'val' / 'cross_yellow' / 'empty.png').write_bytes(b'')
+    result = _run_main(_main_args(data, tmp_path, 'run', '--epochs', '1', '--mixup', '0', '--cutmix', '0',
+                                  '-j', '2'), subprocess_env)
+    assert result.returncode == 0, result.stderr
+    log = result.stdout + result.stderr
+    for name in train_bad:
+        assert log.count(f"Skipped unreadable image {data / 'train' / 'circle_red' / name}") == 1
+    assert f'Epoch 0 skipped {len(train_bad)} unreadable training images' in log
+    assert '(images 19) skipped 2' in log  # every readable validation image counted once, the bad ones not
+
+    strict = _run_main(_main_args(data, tmp_path, 'strict', '--epochs', '1', '--strict-data'), subprocess_env)
+    assert strict.returncode != 0 and '--strict-data' in strict.stderr
+    assert re.search(r'(train/circle_red|val/cross_yellow)/\S+: ', strict.stderr)
+
+
+@pytest.mark.parametrize('fault, message', [
+    ('missing', 'does not exist'),
+    ('no_val', 'no val/ folder'),
+    ('empty_class', 'hold no images: cross_yellow'),
+    ('different_classes', r'only in train/: cross_yellow; only in val/: zebra'),
+    ('files_in_train', 'holds files directly'),
+])
+def test_bad_layout_stops_main_before_the_model_is_built(make_dataset, tmp_path, capsys, monkeypatch, fault,
+                                                         message):
+    import main
+    root = make_dataset(counts={'train': {'circle_red': 2, 'cross_yellow': 2}, 'val': {'circle_red': 1,
+                                                                                     'cross_yellow': 1}})
+    if fault == 'missing':
+        root = tmp_path / 'nowhere'
+    elif fault == 'no_val':
+        shutil.rmtree(root / 'val')
+    elif fault == 'empty_class':
+        for image in (root / 'train' / 'cross_yellow').iterdir():
+            image.unlink()
+    elif fault == 'different_classes':
+        os.rename(root / 'val' / 'cross_yellow', root / 'val' / 'zebra')
+    elif fault == 'files_in_train':
+        Image.new('RGB', (8, 8)).save(root / 'train' / 'stray.png')
+
+    def fail(*args, **kwargs):
+        raise AssertionError('the model was built before the dataset was checked')
+    monkeypatch.setattr(main, 'create_model', fail)
+    status = main.main(_main_args(root, tmp_path / 'out', 'run', '--epochs', '1'))
+    error = capsys.readouterr().err
+    assert status == 2 and re.search(message, error) and 'Traceback' not in error
+
+
+def test_main_refuses_checkpoints_and_weights_whose_unpickling_runs_code(shapes_dataset, tmp_path, capsys):
+    import main
+    marker = tmp_path / 'code-ran'
+    evil = tmp_path / 'evil.pth.tar'
+    torch.save({'epoch': 0, 'state_dict': {}, 'optimizer': {}, 'payload': _RunsCode(marker)}, evil)
+    for flag in ('--resume', '--pretrained'):
+        status = main.main(_main_args(shapes_dataset, tmp_path / 'out', flag.strip('-'), '--epochs', '1', flag,
+                                      str(evil)))
+        error = capsys.readouterr().err
+        assert status == 2 and 'arbitrary code' in error and str(evil) in error, (flag, error)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_unwritable_output_folder_is_reported_at_start(shapes_dataset, tmp_path, subprocess_env):
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o555)
+    command = [sys.executable, str(REPO / 'main.py'), *_main_args(shapes_dataset, locked, 'run', '--epochs', '1')]
+    result = subprocess.run(without_root_privileges(command), cwd=REPO, env=subprocess_env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert f'cannot write to output folder {locked / "run"}: Permission denied' in result.stderr
+    assert 'Traceback' not in result.stderr and 'Train:' not in result.stdout
+
+
+@pytest.mark.slow
+def test_full_disk_while_saving_is_reported_without_partial_files(shapes_dataset, tmp_path, subprocess_env):
+    import resource
+
+    def small_disk():
+        # Writing past 4 MiB fails as on a full disk (EFBIG instead of ENOSPC; SIGXFSZ would kill instead).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    result = _run_main(_main_args(shapes_dataset, tmp_path, 'run', '--epochs', '1', '--max-steps-per-epoch', '1',
+                                  '--mixup', '0', '--cutmix', '0'), subprocess_env, preexec_fn=small_disk)
+    assert result.returncode == 2, result.stderr
+    assert "cannot write checkpoint" in result.stderr and 'File too large' in result.stderr
+    assert 'Traceback' not in result.stderr
+    assert sorted(p.name for p in (tmp_path / 'run').iterdir() if 'pth' in p.name) == []
