@@ -12,13 +12,12 @@ fine-tuned 10-class file could not load whole; VAN files are therefore loaded by
 """
 from functools import partial
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from .van import ALIASES, VAN, VARIANTS, lka_impls, register_lka_impl, resolve_lka_impl
-from .weights import UnsafeFileError, load_pretrained, safe_load
+from .weights import UnsafeFileError, load_pretrained, load_weights, safe_load
 
-__all__ = ['VAN', 'VARIANTS', 'ALIASES', 'MODEL_NAMES', 'UnsafeFileError', 'safe_load', 'load_pretrained',
+__all__ = ['VAN', 'VARIANTS', 'ALIASES', 'MODEL_NAMES', 'UnsafeFileError', 'safe_load', 'load_pretrained', 'load_weights',
            'lka_impls', 'register_lka_impl', 'resolve_lka_impl']
 
 MODEL_NAMES = (*VARIANTS, *ALIASES)
@@ -34,23 +33,26 @@ def _cfg(**kwargs):
 default_cfgs = generate_default_cfgs({name: _cfg() for name in MODEL_NAMES})
 
 
-def _build_and_load(variant, weights_file, **kwargs):
+def _build_and_load(variant, weights, **kwargs):
     model = VAN(**VARIANTS[ALIASES.get(variant, variant)], **kwargs)
-    if weights_file:
-        load_pretrained(model, weights_file, variant)
+    if isinstance(weights, dict):
+        load_weights(model, weights, variant, source='pretrained_cfg state_dict')
+    elif weights is not None:
+        load_pretrained(model, weights, variant)
     return model
 
 
 def _create_van(variant, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs):
     pretrained_cfg = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay)
-    weights_file = None
+    weights = None
     if pretrained:
-        weights_file = pretrained_cfg.file
-        if not weights_file:
-            raise ValueError(f'{variant} has no download source; pass the weights file with '
+        # timm's priority: an in-memory state dict, then a local file.
+        weights = pretrained_cfg.state_dict or pretrained_cfg.file
+        if not weights:
+            raise ValueError(f'{variant} weights load from local files only; pass the weights file with '
                              f'pretrained_cfg_overlay=dict(file=PATH)')
     return build_model_with_cfg(
-        partial(_build_and_load, variant, weights_file), variant, pretrained=False,
+        partial(_build_and_load, variant, weights), variant, pretrained=False,
         pretrained_cfg=pretrained_cfg, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 

@@ -216,7 +216,7 @@ class VAN(nn.Module):
         self.grad_checkpointing = False
         self.feature_info = []
 
-        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         prev_dim, reduction, first_block = in_chans, 1, 0
         for i, (dim, depth, mlp_ratio) in enumerate(zip(embed_dims, depths, mlp_ratios), start=1):
             patch_size, stride = (7, 4) if i == 1 else (3, 2)

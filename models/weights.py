@@ -23,7 +23,7 @@ from torch import nn
 
 from .van import ALIASES, VARIANTS
 
-__all__ = ['UnsafeFileError', 'safe_load', 'extract_state_dict', 'load_pretrained', 'guess_variant']
+__all__ = ['UnsafeFileError', 'safe_load', 'extract_state_dict', 'load_pretrained', 'load_weights', 'guess_variant']
 
 _logger = logging.getLogger(__name__)
 
@@ -78,6 +78,11 @@ def safe_load(path: PathLike) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f'{path} is not a readable safetensors file ({e})') from e
 
+    with open(path, 'rb') as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive ('PK'); older torch and plain pickles start with the PROTO opcode.
+    if not (magic == b'PK' or magic[:1] == b'\x80'):
+        raise ValueError(f'{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)')
     try:
         if _safe_globals_context is None:
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -115,16 +120,21 @@ _HF_LAYER_RENAMES = (
     (r'mlp\.out_dense\.', 'mlp.fc2.'),
     (r'mlp_scaling\.weight', 'layer_scale_2'),
 )
-_HF_STAGE = re.compile(r'^van\.encoder\.stages\.(\d+)\.(.*)$')
+_HF_STAGE = re.compile(r'^encoder\.stages\.(\d+)\.(.*)$')
 _HF_LAYER = re.compile(r'^layers\.(\d+)\.(.*)$')
 
 
 def _hf_to_reference_name(name: str) -> Optional[str]:
-    """Reference name of a transformers VAN tensor; None for tensors the model does not use."""
-    if name.startswith('van.layernorm.'):
-        return None  # transformers creates this norm but its forward never applies it
+    """Reference name of a transformers VAN tensor; None for tensors the model does not use.
+
+    VanForImageClassification prefixes the backbone with `van.`; a bare VanModel does not.
+    """
     if name.startswith('classifier.'):
         return 'head.' + name[len('classifier.'):]
+    if name.startswith('van.'):
+        name = name[len('van.'):]
+    if name.startswith('layernorm.'):
+        return None  # transformers creates this norm but its forward never applies it
     stage = _HF_STAGE.match(name)
     if not stage:
         return name  # unknown: kept, so the mismatch report shows it
@@ -168,10 +178,15 @@ def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str,
         raise ValueError(f'{source} holds no model weights: expected a state dict or a dict with one of '
                          f'{", ".join(_STATE_DICT_KEYS)}; found {keys}')
 
-    # DDP / DataParallel saves prefix every name with `module.`.
-    if all(k.startswith('module.') for k in state_dict):
-        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
-    if any(k.startswith('van.encoder.') for k in state_dict):
+    # DDP / DataParallel saves prefix every name with `module.`, torch.compile'd models with `_orig_mod.`.
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in ('module.', '_orig_mod.'):
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                stripped = True
+    if any(k.startswith(('van.encoder.stages.', 'encoder.stages.')) for k in state_dict):
         renamed = {}
         for k, v in state_dict.items():
             new_name = _hf_to_reference_name(k)
@@ -212,14 +227,22 @@ def _variant_label(variant: str) -> str:
 
 
 def load_pretrained(model: nn.Module, path: PathLike, variant: str) -> None:
-    """Load the weights in `path` into `model`, a VAN built as `variant`.
+    """Load the weights in the file `path` into `model`, a VAN built as `variant`.
+
+    See `load_weights` for the rules; `safe_load` for unreadable or unsafe files.
+    """
+    load_weights(model, safe_load(path), variant, source=str(path))
+
+
+def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 'the weights') -> None:
+    """Load a checkpoint or state dict of any supported format into `model`, a VAN built as `variant`.
 
     The backbone must match exactly (names and shapes). The head is loaded when its shape matches the
     model's; otherwise the model keeps its freshly initialised head and one log line says so.
-    Raises ValueError naming `variant` and the first mismatching keys when the file is another
-    variant or another architecture; see `safe_load` for unreadable or unsafe files.
+    Raises ValueError naming `variant` and the first mismatching keys when `source` holds another
+    variant or another architecture.
     """
-    state_dict = extract_state_dict(safe_load(path), source=str(path))
+    state_dict = extract_state_dict(checkpoint, source=source)
     target = model.state_dict()
 
     file_head = {k: state_dict.pop(k) for k in HEAD_KEYS if k in state_dict}
@@ -239,7 +262,7 @@ def load_pretrained(model: nn.Module, path: PathLike, variant: str) -> None:
         looks_like = f'it looks like {guessed} weights' if guessed else 'it does not look like a VAN of the table'
         problems = [f'{label}: {_describe(names)}' for label, names in (
             ('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', wrong_shape)) if names]
-        raise ValueError(f'{path} does not fit {_variant_label(variant)} ({looks_like}); ' + '; '.join(problems) +
+        raise ValueError(f'{source} does not fit {_variant_label(variant)} ({looks_like}); ' + '; '.join(problems) +
                          '. Choose the model that matches the file, or a file of the chosen model.')
 
     head_fits = bool(model_head) and set(file_head) == set(model_head) and all(
@@ -248,6 +271,6 @@ def load_pretrained(model: nn.Module, path: PathLike, variant: str) -> None:
         state_dict.update(file_head)
     elif model_head or file_head:
         file_classes = file_head['head.weight'].shape[0] if 'head.weight' in file_head else 0
-        _logger.info(f'{path} has a head for {file_classes} classes, the model {getattr(model, "num_classes", 0)}: '
+        _logger.info(f'{source}: head for {file_classes} classes, model for {getattr(model, "num_classes", 0)}; '
                      f'keeping a freshly initialised head')
     model.load_state_dict({**state_dict, **({} if head_fits else model_head)}, strict=True)

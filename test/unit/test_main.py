@@ -1,0 +1,269 @@
+"""main.py as users run it: training learns, resume is exact, torchrun, --eval, config, errors, logs."""
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import main
+from models.weights import safe_load
+
+# Small and fast: 32x32 images, batch 8, no augmentation that would slow learning on 48 images.
+FAST = ['--model', 'van_b0', '--img-size', '32', '-b', '8', '--warmup-epochs', '0', '--cooldown-epochs', '0',
+        '--log-interval', '2', '-j', '0']
+EASY = ['--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0', '--color-jitter', '0']
+
+TRAIN_LINE = re.compile(r'^Train: (\d+) \[\s*(\d+)/\s*(\d+) \(\s*\d+%\)\]  Loss: ([\d.]+) \(([\d.]+)\)  '
+                        r'Time: [\d.]+s,\s+[\d.]+/s  LR: \d\.\d{3}e[-+]\d\d  Data: [\d.]+ \([\d.]+\)$', re.M)
+FPS_LINE = re.compile(r'^Epoch (\d+) FPS:([\d.]+)$', re.M)
+TEST_LINE = re.compile(r'^Test: \[\s*\d+/\s*\d+\]  Loss: [\d.]+ \([\d.]+\)  Acc@1: [\d.]+ \([\d.]+\)  '
+                       r'Acc@5: [\d.]+ \([\d.]+\)$', re.M)
+EVAL_END = re.compile(r'^\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) Loss ([\d.]+) \(images (\d+)\)$', re.M)
+BEST_LINE = re.compile(r'^\*\*\* Best metric: ([\d.]+) \(epoch (\d+)\)$', re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_main(args, env, cwd, launcher=(), timeout=600):
+    command = [*(launcher or [sys.executable]), 'main.py', *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(result):
+    assert result.returncode == 0, f'exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}'
+
+
+@pytest.fixture(scope='module')
+def trained_run(shapes_dataset, tmp_path_factory, repo_root):
+    """3 short epochs on the shapes dataset; shared by the tests that inspect a finished run."""
+    env = dict(os.environ, OMP_NUM_THREADS='2', PYTHONUNBUFFERED='1')
+    out = tmp_path_factory.mktemp('out')
+    result = run_main(['--data_path', shapes_dataset, *FAST, *EASY, '--epochs', '3', '--output', out,
+                       '--experiment', 'learn'], env, repo_root)
+    assert_ok(result)
+    return out / 'learn', result.stdout
+
+
+@pytest.mark.slow
+def test_short_run_learns_far_above_chance(trained_run):
+    run_dir, log = trained_run
+    final = [float(m.group(1)) for m in EVAL_END.finditer(log)][-1]
+    assert final >= 70.0, f'4 classes (chance 25%), expected >= 70% after 3 epochs, got {final}\n{log}'
+
+
+@pytest.mark.slow
+def test_logs_have_the_lines_the_launch_scripts_grep(trained_run):
+    run_dir, log = trained_run
+    train = TRAIN_LINE.findall(log)
+    # 48 images / batch 8 = 6 steps per epoch, logged at steps 2, 4, 6 of each of 3 epochs
+    assert [(int(e), int(s)) for e, s, *_ in train] == [(e, s) for e in range(3) for s in (2, 4, 6)]
+    assert all(int(total) == 6 for _, _, total, *_ in train)
+    fps = FPS_LINE.findall(log)
+    assert [int(e) for e, _ in fps] == [0, 1, 2] and all(float(v) > 0 for _, v in fps)
+    assert len(TEST_LINE.findall(log)) >= 3
+    ends = EVAL_END.findall(log)
+    assert len(ends) == 3 and all(int(images) == 19 for *_, images in ends)
+    best = BEST_LINE.findall(log)
+    assert len(best) == 1
+    top1s = [float(t) for t, *_ in ends]
+    assert float(best[0][0]) == pytest.approx(max(top1s), abs=1e-3)
+    assert top1s[int(best[0][1])] == pytest.approx(max(top1s), abs=1e-3)
+    # the log file holds the same lines
+    assert len(TRAIN_LINE.findall(re.sub(r'^\S+ \S+ ', '', (run_dir / 'log.txt').read_text(), flags=re.M))) == 9
+
+
+@pytest.mark.slow
+def test_run_dir_has_summary_args_and_checkpoints(trained_run):
+    run_dir, log = trained_run
+    with open(run_dir / 'summary.csv', newline='') as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['epoch', 'train_loss', 'lr', 'eval_loss', 'eval_top1', 'eval_top5']
+    assert [r[0] for r in rows[1:]] == ['0', '1', '2']
+    assert float(rows[-1][4]) == pytest.approx(float(EVAL_END.findall(log)[-1][0]), abs=1e-3)
+    args = yaml.safe_load((run_dir / 'args.yaml').read_text())
+    assert args['epochs'] == 3 and args['img_size'] == 32 and args['model'] == 'van_b0'
+    checkpoint = safe_load(run_dir / 'last.pth.tar')
+    for key in ('epoch', 'arch', 'state_dict', 'optimizer', 'scheduler', 'version', 'args', 'metric',
+                'class_to_idx'):
+        assert key in checkpoint, key
+    assert checkpoint['epoch'] == 2 and checkpoint['arch'] == 'van_b0'
+    assert isinstance(checkpoint['args'], dict) and checkpoint['args']['batch_size'] == 8
+    assert checkpoint['class_to_idx'] == {'circle_red': 0, 'cross_yellow': 1, 'square_green': 2, 'triangle_blue': 3}
+    assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
+    assert {p.name for p in run_dir.glob('checkpoint-*.pth.tar')} == {'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar',
+                                                                     'checkpoint-2.pth.tar'}
+    assert (run_dir / 'model_best.pth.tar').is_file()
+    assert not list(run_dir.glob('*.tmp*')), 'temporary files left behind'
+
+
+@pytest.mark.slow
+def test_eval_from_checkpoint_reports_the_saved_accuracy(trained_run, shapes_dataset, subprocess_env, repo_root):
+    run_dir, _ = trained_run
+    checkpoint = safe_load(run_dir / 'last.pth.tar')
+    result = run_main(['--data_path', shapes_dataset, '--img-size', '32', '-b', '8', '-j', '0', '--eval',
+                       '--resume', run_dir / 'last.pth.tar'], subprocess_env, repo_root)
+    assert_ok(result)
+    (top1, _, _, images), = EVAL_END.findall(result.stdout)
+    assert int(images) == 19
+    assert float(top1) == pytest.approx(checkpoint['metric'], abs=1e-3)
+    assert 'Train:' not in result.stdout
+
+
+@pytest.mark.slow
+def test_resume_after_epoch_1_gives_the_same_weights_as_an_uninterrupted_run(
+        shapes_dataset, tmp_path, subprocess_env, repo_root):
+    # Full augmentation (RandAugment, erasing, mixup/cutmix, drop path) so every random stream matters.
+    common = ['--data_path', shapes_dataset, '--model', 'van_b0', '--img-size', '32', '-b', '8',
+              '--epochs', '2', '--warmup-epochs', '1', '--cooldown-epochs', '0', '--max-steps-per-epoch', '2',
+              '--output', tmp_path, '--log-interval', '1']
+    assert_ok(run_main([*common, '--experiment', 'whole', '-j', '0'], subprocess_env, repo_root))
+    # A run that stopped after its first epoch: only that epoch's checkpoint, plus debris of a crash
+    # (a half-written temporary file and a truncated checkpoint) that auto-resume must skip.
+    stopped = tmp_path / 'stopped'
+    stopped.mkdir()
+    shutil.copy(tmp_path / 'whole' / 'checkpoint-0.pth.tar', stopped / 'last.pth.tar')
+    (stopped / 'last.pth.tar.tmp123').write_bytes(b'partial')
+    (stopped / 'checkpoint-7.pth.tar').write_bytes((tmp_path / 'whole' / 'last.pth.tar').read_bytes()[:1000])
+    # Resume with another worker count: augmentation must not depend on it.
+    result = run_main([*common, '--experiment', 'stopped', '--resume', 'auto', '-j', '1'], subprocess_env, repo_root)
+    assert_ok(result)
+    assert 'Train: 0 ' not in result.stdout and 'Train: 1 ' in result.stdout
+    whole = safe_load(tmp_path / 'whole' / 'last.pth.tar')
+    resumed = safe_load(stopped / 'last.pth.tar')
+    assert resumed['epoch'] == whole['epoch'] == 1
+    for name, tensor in whole['state_dict'].items():
+        assert torch.equal(tensor, resumed['state_dict'][name]), name
+    assert whole['optimizer']['state'][0]['step'] == resumed['optimizer']['state'][0]['step']
+    with open(stopped / 'summary.csv') as f:
+        assert [row['epoch'] for row in csv.DictReader(f)] == ['1']
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_count_every_val_image_once(shapes_dataset, tmp_path, subprocess_env, repo_root):
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                '--master_port', str(free_port())]
+    result = run_main(['--data_path', shapes_dataset, *FAST, '--epochs', '1', '--max-steps-per-epoch', '2',
+                       '--output', tmp_path, '--experiment', 'ddp', '--log-interval', '1'],
+                      subprocess_env, repo_root, launcher=torchrun)
+    assert_ok(result)
+    assert 'world size 2' in result.stdout
+    (_, _, _, images), = EVAL_END.findall(result.stdout)
+    assert int(images) == 19  # odd: a padded sampler would report 20
+    assert len(TRAIN_LINE.findall(result.stdout)) == 2, 'rank 0 only logs'
+    assert 'Train: 0 [   2/   2' in result.stdout  # 48 images / 2 ranks / batch 8 = 3, capped to 2
+    checkpoint = safe_load(tmp_path / 'ddp' / 'last.pth.tar')
+    assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
+
+    # Every rank reports the same numbers, and they equal a single-process evaluation.
+    single, double = tmp_path / 'single', tmp_path / 'double'
+    single.mkdir(), double.mkdir()
+    worker = str(repo_root / 'test' / 'unit' / 'dist_eval_worker.py')
+    for nproc, out in ((1, single), (2, double)):
+        launch = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
+                  '--master_port', str(free_port()), worker, str(shapes_dataset), str(out)]
+        done = subprocess.run(launch, env=subprocess_env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((double / f'rank{r}.json').read_text()) for r in (0, 1)]
+    reference = json.loads((single / 'rank0.json').read_text())
+    assert sorted(r['local_images'] for r in ranks) == [9, 10]
+    for metrics in ranks:
+        assert metrics['images'] == 19
+        for key in ('loss', 'top1', 'top5'):
+            assert metrics[key] == ranks[0][key]
+            assert metrics[key] == pytest.approx(reference[key], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_missing_data_folder_is_one_clear_error_in_a_subprocess(tmp_path, subprocess_env, repo_root):
+    result = run_main(['--data_path', tmp_path / 'nowhere', '--output', tmp_path], subprocess_env, repo_root)
+    assert result.returncode == 2
+    assert 'Traceback' not in result.stderr
+    assert 'nowhere' in result.stderr and 'does not exist' in result.stderr
+
+
+def test_missing_data_folder_exits_2_with_message(tmp_path, capsys):
+    assert main.main(['--data_path', str(tmp_path / 'missing'), '--output', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'missing' in err and 'does not exist' in err
+
+
+def test_mismatched_classes_exits_2_naming_them(make_dataset, tmp_path, capsys):
+    counts = {'train': {'circle_red': 8, 'square_green': 8, 'cross_yellow': 8},
+              'val': {'circle_red': 2, 'square_green': 2, 'triangle_blue': 2}}
+    root = make_dataset(counts)
+    code = main.main(['--data_path', str(root), '--output', str(tmp_path), *FAST, '--epochs', '1'])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert 'same class folders' in err and 'cross_yellow' in err and 'triangle_blue' in err
+
+
+def test_bad_checkpoint_exits_2(shapes_dataset, tmp_path, capsys):
+    bad = tmp_path / 'bad.pth.tar'
+    bad.write_bytes(b'not a checkpoint')
+    code = main.main(['--data_path', str(shapes_dataset), *FAST, '--eval', '--resume', str(bad)])
+    assert code == 2
+    assert 'bad.pth.tar' in capsys.readouterr().err
+
+
+def test_weights_only_file_is_not_a_resume_checkpoint(shapes_dataset, tmp_path, capsys):
+    path = tmp_path / 'weights.pth'
+    torch.save({'state_dict': {}}, path)
+    code = main.main(['--data_path', str(shapes_dataset), *FAST, '--epochs', '1', '--resume', str(path),
+                      '--output', str(tmp_path)])
+    assert code == 2
+    assert '--pretrained' in capsys.readouterr().err
+
+
+def test_yaml_config_sets_options_and_the_command_line_wins(tmp_path):
+    config = tmp_path / 'cfg.yaml'
+    config.write_text('model: van_b2\nbatch-size: 64\nlr: 0.002\ndrop_path: 0.2\namp: true\n')
+    args = main.parse_args(['--data_path', 'd', '-c', str(config), '--lr', '0.003'])
+    assert (args.model, args.batch_size, args.lr, args.drop_path, args.amp) == ('van_b2', 64, 0.003, 0.2, True)
+    assert args.epochs == 300 and args.aa == 'rand-m9-mstd0.5-inc1'  # untouched recipe defaults
+
+
+def test_yaml_config_with_an_unknown_key_fails(tmp_path, capsys):
+    config = tmp_path / 'cfg.yaml'
+    config.write_text('batch_sise: 64\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(['--data_path', 'd', '-c', str(config)])
+    assert exit_info.value.code == 2
+    assert 'batch_sise' in capsys.readouterr().err
+
+
+def test_defaults_are_the_reference_recipe():
+    args = main.parse_args(['--data_path', 'd'])
+    assert (args.opt, args.lr, args.weight_decay, args.epochs, args.cooldown_epochs) == ('adamw', 1e-3, 0.05, 300, 10)
+    assert (args.warmup_epochs, args.warmup_lr, args.min_lr) == (5, 1e-6, 1e-6)
+    assert (args.aa, args.reprob, args.remode, args.mixup, args.cutmix) == ('rand-m9-mstd0.5-inc1', 0.25, 'pixel', 0.8, 1.0)
+    assert (args.smoothing, args.color_jitter, args.drop_path, args.seed) == (0.1, 0.4, 0.1, 42)
+    assert not args.amp and not args.model_ema and not args.compile and not args.channels_last
+    assert main.parse_args(['d']).data_path == 'd'  # timm/reference-style positional root
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--eval'], '--eval needs'),
+    (['-b', '7'], 'even --batch-size'),
+    (['--amp-backend', 'apex'], 'only apply with --amp'),
+    (['--amp', '--opt-level', 'O2', '--amp-backend', 'native'], 'O1 only'),
+    (['--amp', '--loss-scale', 'big'], '--loss-scale'),
+    (['--epochs', '0'], '--epochs must be at least 1'),
+    ([], 'dataset root is required'),
+])
+def test_invalid_combinations_fail_at_start(argv, message, capsys):
+    full = argv if argv == [] else ['--data_path', 'd', *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(full)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
