@@ -159,6 +159,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: Dis
         raise ValueError(f'the validation set has no readable image ({skipped} unreadable files skipped)')
     metrics = dict(loss=total_loss / images, top1=100.0 * top1 / images, top5=100.0 * top5 / images,
                    images=images, skipped=skipped)
+    # The count of unreadable files follows the accuracy only when there are some, so the line the
+    # launch scripts parse keeps its exact form on clean data.
     logger.info(f"{log_prefix}* Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} "
-                f"Loss {metrics['loss']:.3f} (images {images}) skipped {skipped}")
+                f"Loss {metrics['loss']:.3f} (images {images})" + (f" skipped {skipped}" if skipped else ''))
     return metrics
