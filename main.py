@@ -19,7 +19,6 @@ import models  # noqa: F401  (registers the VAN variants with timm)
 import timm
 from timm.data import resolve_data_config
 from timm.utils import ModelEmaV3, distribute_bn
-from torchvision.datasets.folder import find_classes
 
 from utils.data_layout import DatasetLayoutError, check_dataset_layout
 from utils.images import BadImageError
@@ -28,10 +27,10 @@ from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequ
                               stop_requested)
 from utils.rng_state import capture_all_ranks, restore_rng_state
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, create_precision, parse_loss_scale
-from utils.checkpoint import (CheckpointError, CheckpointSaver, atomic_save, find_resume_checkpoint, remove_partial_files,
+from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteError, atomic_save, find_resume_checkpoint, remove_partial_files,
                               read_training_checkpoint)
 from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
-                        build_train_criterion, find_split_dirs)
+                        build_train_criterion, find_class_map, find_split_dirs)
 from utils.device import DEVICE_CHOICES, DeviceError, cleanup_distributed, init_distributed_device, is_peer_failure
 from utils.engine import NonFiniteGuard, NonFiniteLossError, evaluate, set_seed, train_one_epoch
 from utils.logger import setup_logger, update_summary
@@ -42,7 +41,7 @@ from utils.optim import create_optimizer, create_scheduler
 STOP_CHECK_STEPS = 10
 
 # Errors a user can cause: reported as one message, exit status 2, no traceback.
-USER_ERRORS = (DatasetError, DatasetLayoutError, BadImageError, CheckpointError, OutputDirError, DeviceError, AmpError,
+USER_ERRORS = (DatasetError, DatasetLayoutError, BadImageError, CheckpointError, CheckpointWriteError, OutputDirError, DeviceError, AmpError,
                NonFiniteLossError)
 
 
@@ -311,7 +310,7 @@ def run(args) -> None:
 
     check_dataset_layout(args.data_path, need_train=not args.eval)  # before anything expensive
     train_dir, _ = find_split_dirs(args.data_path)
-    classes, _ = find_classes(train_dir) if os.listdir(train_dir) else ([], None)
+    classes = find_class_map(train_dir)
     num_classes = args.num_classes or len(classes)
     if num_classes < len(classes):
         raise DatasetError(f'--num-classes {num_classes} is smaller than the {len(classes)} class folders '
@@ -330,12 +329,12 @@ def run(args) -> None:
                      re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
                      interpolation=args.train_interpolation)
     train_set, val_set, class_to_idx = build_datasets(args.data_path, data_config, train_aug, args.seed,
-                                                      args.strict_data)
+                                                      with_train=not args.eval, strict_data=args.strict_data)
     train_loader, val_loader = build_loaders(
-        None if args.eval else train_set, val_set, args.batch_size, args.validation_batch_size or args.batch_size,
+        train_set, val_set, args.batch_size, args.validation_batch_size or args.batch_size,
         args.workers, dist_env.rank, dist_env.world_size, args.seed, args.pin_mem)
     logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, '
-                f'{len(train_set)} train / {len(val_set)} val images, input {data_config.input_size}')
+                f'{len(train_set) if train_set else "-"} train / {len(val_set)} val images, input {data_config.input_size}')
 
     model.to(device)
     if args.channels_last:
@@ -359,9 +358,10 @@ def run(args) -> None:
     start_epoch, saver_state = 0, {}
     checkpoint_path, checkpoint = None, None
     if args.resume == 'auto':
-        found = find_resume_checkpoint(run_dir) if run_dir else None
+        search_dir = os.path.join(args.output, args.experiment) if args.eval else run_dir
+        found = find_resume_checkpoint(search_dir)
         if found is None and args.eval:
-            raise CheckpointError(f'no checkpoint to evaluate in {os.path.join(args.output, args.experiment)!r}')
+            raise CheckpointError(f'no checkpoint to evaluate in {search_dir!r}')
         checkpoint_path, checkpoint = found or (None, None)
         if checkpoint is None:
             logger.info(f'--resume auto: no checkpoint in {run_dir}, starting from scratch')
@@ -376,7 +376,9 @@ def run(args) -> None:
                 scheduler.load_state_dict(checkpoint['scheduler'])
             else:
                 logger.info('schedule options differ from the checkpoint\'s: following the new ones')
-        saver_state = dict(history=checkpoint.get('checkpoint_history'),
+        same_dir = run_dir and os.path.abspath(os.path.dirname(checkpoint_path)) == os.path.abspath(run_dir)
+        # The checkpoint-<epoch> files listed in the history exist only in the checkpoint's own run dir.
+        saver_state = dict(history=checkpoint.get('checkpoint_history') if same_dir else None,
                            best=(checkpoint['best_metric'], checkpoint['best_epoch'])
                            if checkpoint.get('best_metric') is not None else None)
         logger.info(f'resumed from {checkpoint_path} (epoch {checkpoint["epoch"]} done)')

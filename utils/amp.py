@@ -89,8 +89,10 @@ class Precision:
     """
 
     def __init__(self, backend: str, autocast: Callable[[], contextlib.AbstractContextManager],
-                 dtype: torch.dtype = torch.float32, scaler=None, apex_amp=None):
+                 dtype: torch.dtype = torch.float32, scaler=None, apex_amp=None, fixed_scale=None):
         self.backend = backend
+        # --loss-scale <number>: overflowing steps are skipped but the scale never changes.
+        self._fixed_scale = fixed_scale
         self.dtype = dtype
         self.autocast = autocast
         self._scaler = scaler
@@ -122,7 +124,7 @@ class Precision:
                 self._scaler.unscale_(optimizer)
                 dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
             self._scaler.step(optimizer)
-            self._scaler.update()
+            self._scaler.update(self._fixed_scale)
         else:
             loss.backward()
             if clip_grad is not None:
@@ -144,13 +146,12 @@ class Precision:
 
 
 def _grad_scaler(device_type: str, loss_scale):
-    kwargs = {}
-    if loss_scale != 'dynamic':
-        # A fixed scale: start there and never grow or shrink (overflowing steps are still skipped).
-        kwargs = dict(init_scale=float(loss_scale), growth_factor=1.0, backoff_factor=1.0)
+    kwargs = {} if loss_scale == 'dynamic' else dict(init_scale=float(loss_scale))
     try:
         return torch.amp.GradScaler(device_type, **kwargs)
     except Exception:
+        if device_type != 'npu':
+            raise
         # Older torch_npu registers its scaler only under torch.npu.amp.
         return torch.npu.amp.GradScaler(**kwargs)
 
@@ -183,4 +184,5 @@ def create_precision(model: torch.nn.Module, optimizer: torch.optim.Optimizer, d
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
     # bfloat16 has float32's exponent range, so gradients cannot underflow: no scaler needed.
     scaler = _grad_scaler(device.type, loss_scale) if dtype == torch.float16 else None
-    return model, optimizer, Precision('native', autocast, dtype, scaler=scaler)
+    fixed_scale = None if loss_scale == 'dynamic' or scaler is None else float(loss_scale)
+    return model, optimizer, Precision('native', autocast, dtype, scaler=scaler, fixed_scale=fixed_scale)

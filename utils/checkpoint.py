@@ -26,6 +26,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not a training checkpoint of this repo."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, lost permissions); the previous file is kept."""
+
+
 def _fsync_dir(directory: str) -> None:
     # Makes the rename itself durable; not supported on every platform/filesystem.
     try:
@@ -51,7 +55,7 @@ def _temporary_for(path: str):
             os.remove(tmp)
         if isinstance(error, OSError):
             kept = 'the previous version is kept' if os.path.exists(path) else 'nothing was written'
-            raise CheckpointError(f'cannot write checkpoint {path!r}: {error.strerror or error} ({kept}); '
+            raise CheckpointWriteError(f'cannot write checkpoint {path!r}: {error.strerror or error} ({kept}); '
                                   'free disk space or choose another --output, then --resume auto') from None
         raise
 

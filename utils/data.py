@@ -15,6 +15,7 @@ import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import find_classes
 
 from utils.images import RobustImageFolder, SkipCounter, collate_samples
 from utils.sampler import ResumableSampler
@@ -140,10 +141,27 @@ class ShardWithoutPadding(Sampler):
         return len(self.indices)
 
 
-def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, seed: int, strict_data: bool = False):
+def find_class_map(train_dir: str) -> Dict[str, int]:
+    """Class folder -> index, as ImageFolder assigns them (sorted names), without listing images."""
+    try:
+        return find_classes(train_dir)[1]
+    except FileNotFoundError as error:
+        raise DatasetError(f'no class folders in {train_dir!r}: {error}') from None
+
+
+def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, seed: int, with_train: bool = True,
+                   strict_data: bool = False):
     """(train_set, val_set, class_to_idx); `train_aug` holds timm create_transform kwargs for training
-    (auto_augment, re_prob, re_mode, re_count, color_jitter, interpolation)."""
+    (auto_augment, re_prob, re_mode, re_count, color_jitter, interpolation). Without `with_train`
+    (evaluation) the training images are not listed, only its class folders, and train_set is None."""
     train_dir, val_dir = find_split_dirs(data_path)
+    if not with_train:
+        val_folder = _image_folder(val_dir, create_transform(
+            data_config.input_size, is_training=False, interpolation=data_config.interpolation,
+            mean=data_config.mean, std=data_config.std, crop_pct=data_config.crop_pct), 'drop', strict_data)
+        class_to_idx = find_class_map(train_dir)
+        check_same_classes(class_to_idx, val_folder.class_to_idx, train_dir, val_dir)
+        return None, val_folder, class_to_idx
     train_transform = create_transform(
         data_config.input_size, is_training=True, mean=data_config.mean, std=data_config.std, **train_aug)
     val_transform = create_transform(

@@ -93,14 +93,21 @@ def load_rgb(path: str) -> Image.Image:
         raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
 
 
-class Sample(NamedTuple):
-    """What RobustImageFolder returns: `bad_files` holds 'path: reason' when the requested file was unreadable;
-    `valid` is False for a placeholder that stands for an unreadable file in 'drop' mode."""
+class Sample(tuple):
+    """(image, target), exactly what ImageFolder returns, plus two attributes for collate_samples:
+    `bad_files` holds 'path: reason' when the requested file was unreadable; `valid` is False for a
+    placeholder that stands for an unreadable file in 'drop' mode."""
 
-    image: object
-    target: int
-    bad_files: tuple
-    valid: bool
+    def __new__(cls, image, target, bad_files: tuple = (), valid: bool = True):
+        sample = super().__new__(cls, (image, target))
+        sample.bad_files, sample.valid = bad_files, valid
+        return sample
+
+    def __getnewargs__(self):  # keeps the attributes when a DataLoader worker pickles the sample
+        return self[0], self[1], self.bad_files, self.valid
+
+    image = property(lambda self: self[0])
+    target = property(lambda self: self[1])
 
 
 class RobustImageFolder(ImageFolder):

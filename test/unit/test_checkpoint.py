@@ -1,0 +1,91 @@
+"""Checkpoints: atomic writes, best-N history, safe reading, choosing the checkpoint to resume."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from utils.checkpoint import (CheckpointError, CheckpointSaver, atomic_save, find_resume_checkpoint, read_file,
+                              read_training_checkpoint)
+
+
+def state(value=0.0):
+    return dict(arch='van_b0', state_dict={'w': torch.full((2,), value)}, optimizer={'state': {}, 'param_groups': []},
+                version=2, args={'lr': 1e-3}, class_to_idx={'a': 0})
+
+
+def test_atomic_save_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / 'x.pth.tar'
+    atomic_save({'a': torch.ones(3)}, str(path))
+    atomic_save({'a': torch.zeros(3)}, str(path))
+    assert torch.equal(read_file(str(path))['a'], torch.zeros(3))
+    assert os.listdir(tmp_path) == ['x.pth.tar']
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / 'last.pth.tar'
+    atomic_save({'epoch': 1}, str(path))
+
+    def crash(*args, **kwargs):
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(OSError):
+        atomic_save({'epoch': 2}, str(path))
+    assert read_file(str(path)) == {'epoch': 1}
+
+
+def test_saver_keeps_the_best_n_epochs_last_and_best(tmp_path):
+    saver = CheckpointSaver(str(tmp_path), max_history=2)
+    for epoch, metric in enumerate([10.0, 30.0, 20.0, 5.0, 40.0]):
+        best = saver.save(state(epoch), epoch, metric)
+    assert best == (40.0, 4)
+    assert sorted(p.name for p in tmp_path.glob('checkpoint-*')) == ['checkpoint-1.pth.tar', 'checkpoint-4.pth.tar']
+    last = read_training_checkpoint(str(tmp_path / 'last.pth.tar'))
+    assert last['epoch'] == 4 and last['metric'] == 40.0 and last['best_epoch'] == 4
+    assert read_file(str(tmp_path / 'model_best.pth.tar'))['epoch'] == 4
+    # A saver rebuilt from the checkpoint (as --resume does) continues the same bookkeeping.
+    resumed = CheckpointSaver(str(tmp_path), 2, history=last['checkpoint_history'],
+                              best=(last['best_metric'], last['best_epoch']))
+    assert resumed.save(state(), 5, 35.0) == (40.0, 4)
+    assert sorted(p.name for p in tmp_path.glob('checkpoint-*')) == ['checkpoint-4.pth.tar', 'checkpoint-5.pth.tar']
+
+
+def test_checkpoint_hist_zero_writes_no_history(tmp_path):
+    CheckpointSaver(str(tmp_path), max_history=0).save(state(), 0, 1.0)
+    assert not list(tmp_path.glob('checkpoint-*')) and (tmp_path / 'last.pth.tar').exists()
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
+    saver = CheckpointSaver(str(tmp_path), max_history=5)
+    for epoch in range(3):
+        saver.save(state(epoch), epoch, float(epoch))
+    (tmp_path / 'last.pth.tar').write_bytes(b'truncated')  # a crash mid-copy outside our atomic writes
+    (tmp_path / 'checkpoint-9.pth.tar.tmp1').write_bytes(b'partial')
+    path, checkpoint = find_resume_checkpoint(str(tmp_path))
+    assert checkpoint['epoch'] == 2 and not path.endswith('last.pth.tar')
+    assert find_resume_checkpoint(str(tmp_path / 'empty')) is None
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ('pwned',))
+
+
+def test_files_needing_arbitrary_code_are_refused(tmp_path):
+    path = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {}, 'x': Evil()}, path)
+    with pytest.raises(CheckpointError, match='evil.pth.tar'):
+        read_file(str(path))
+
+
+def test_reading_missing_or_foreign_files_fails_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match='does not exist'):
+        read_file(str(tmp_path / 'nope.pth'))
+    foreign = tmp_path / 'foreign.pth'
+    foreign.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(CheckpointError, match='foreign.pth'):
+        read_file(str(foreign))
+    weights = tmp_path / 'weights.pth'
+    torch.save({'state_dict': {}}, weights)
+    with pytest.raises(CheckpointError, match='--pretrained'):
+        read_training_checkpoint(str(weights))

@@ -1,0 +1,86 @@
+"""The loops called directly: non-finite loss stops the run, evaluation counts and top-k."""
+import logging
+
+import pytest
+import torch
+
+from utils.amp import create_precision
+from utils.device import DistEnv
+from utils.nonfinite import NonFiniteGuard
+from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
+
+CPU = torch.device('cpu')
+LOGGER = logging.getLogger('test-engine')
+
+
+class Loader(list):
+    batch_size = 4
+
+
+def batches(steps, classes=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return Loader((torch.randn(4, 6, generator=generator), torch.randint(0, classes, (4,), generator=generator))
+                  for _ in range(steps))
+
+
+def test_a_loss_that_stays_nan_stops_the_run_with_a_clear_message():
+    model = torch.nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, _, precision = create_precision(model, optimizer, CPU, enabled=False)
+
+    def nan_loss(output, target):
+        return torch.nn.functional.cross_entropy(output, target) * float('nan')
+    with pytest.raises(NonFiniteLossError, match='loss is not finite at epoch 0 step 1'):
+        train_one_epoch(model, batches(6), nan_loss, optimizer, precision, CPU, 0, DistEnv(CPU), LOGGER,
+                        log_interval=2)
+
+
+def test_a_single_non_finite_step_does_not_stop_a_run_whose_scaler_skips_it():
+    model = torch.nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, _, precision = create_precision(model, optimizer, CPU, enabled=False)
+    calls = []
+
+    def sometimes_inf(output, target):
+        calls.append(1)
+        loss = torch.nn.functional.cross_entropy(output, target)
+        # Non-finite value in the first step only; adding a constant keeps the gradients finite.
+        return loss + float('inf') if len(calls) == 1 else loss
+    # Without a float16 scaler the run would stop here (issue 6); the scaler skips such steps.
+    stats = train_one_epoch(model, batches(4), sometimes_inf, optimizer, precision, CPU, 0, DistEnv(CPU), LOGGER,
+                            log_interval=2, max_steps=3, nonfinite_guard=NonFiniteGuard(scaler_skips_steps=True))
+    assert stats['num_updates'] == 3
+
+
+def test_max_steps_caps_the_epoch_and_fps_is_reported(caplog):
+    model = torch.nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, _, precision = create_precision(model, optimizer, CPU, enabled=False)
+    with caplog.at_level(logging.INFO, logger='test-engine'):
+        stats = train_one_epoch(model, batches(10), torch.nn.CrossEntropyLoss(), optimizer, precision, CPU, 4,
+                                DistEnv(CPU), LOGGER, log_interval=3, max_steps=7, num_updates=70)
+    assert stats['num_updates'] == 77 and stats['fps'] > 0
+    assert [line.split(']')[0] for line in caplog.messages if line.startswith('Train')] == \
+        ['Train: 4 [   3/   7 ( 43%)', 'Train: 4 [   6/   7 ( 86%)', 'Train: 4 [   7/   7 (100%)']
+    assert f"Epoch 4 FPS:{stats['fps']:.2f}" in caplog.text
+
+
+def test_evaluate_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 7)
+    loader = batches(5, classes=7, seed=1)
+    metrics = evaluate(model, loader, CPU, DistEnv(CPU), LOGGER, log_interval=2)
+    images = torch.cat([x for x, _ in loader])
+    targets = torch.cat([y for _, y in loader])
+    with torch.no_grad():
+        output = model(images)
+    assert metrics['images'] == 20
+    assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(output, targets).item(), rel=1e-6)
+    assert metrics['top1'] == pytest.approx(100 * (output.argmax(1) == targets).float().mean().item())
+    top5 = output.topk(5, 1).indices.eq(targets[:, None]).any(1).float().mean().item()
+    assert metrics['top5'] == pytest.approx(100 * top5)
+
+
+def test_evaluate_with_fewer_than_five_classes_uses_all_of_them():
+    metrics = evaluate(torch.nn.Linear(6, 3), batches(2), CPU, DistEnv(CPU), LOGGER)
+    assert metrics['top5'] == 100.0
