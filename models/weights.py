@@ -7,8 +7,9 @@ that timm-style training scripts store as 'args'), so a file cannot run code whi
 `extract_state_dict` turns every format users bring into a state dict with the reference names:
 the official release `{'state_dict': ...}`, a plain state dict, training checkpoints (this repo's,
 the reference's, the Ascend port's) with optimizer state and `module.` prefixes, and HuggingFace
-transformers `VanForImageClassification` files. `load_pretrained` puts one into a model, keeping or
-re-initialising the head by class count and naming the variant when the file does not fit.
+transformers `VanForImageClassification` files. `load_weights` (`load_pretrained` for a file) puts
+one into a model, keeping or re-initialising the head by class count and naming the variant when
+the weights do not fit.
 """
 import argparse
 import logging
@@ -16,7 +17,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -105,20 +106,21 @@ def safe_load(path: PathLike) -> Any:
 # Format normalisation
 # ---------------------------------------------------------------------------------------------
 # HuggingFace transformers (models/deprecated/van) name -> reference name, within stage s (0-based)
-# and layer j. Patterns are anchored so `depth_wise.` and `depth_wise_dilated.` cannot be confused.
+# and layer j. Every prefix ends at a '.' or is a whole name, so `depth_wise.` never matches
+# `depth_wise_dilated.`.
 _HF_LAYER_RENAMES = (
-    (r'pre_normomalization\.', 'norm1.'),  # (sic) transformers' spelling
-    (r'attention\.pre_projection\.conv\.', 'attn.proj_1.'),
-    (r'attention\.attention_layer\.attention\.depth_wise\.', 'attn.spatial_gating_unit.conv0.'),
-    (r'attention\.attention_layer\.attention\.depth_wise_dilated\.', 'attn.spatial_gating_unit.conv_spatial.'),
-    (r'attention\.attention_layer\.attention\.point_wise\.', 'attn.spatial_gating_unit.conv1.'),
-    (r'attention\.post_projection\.', 'attn.proj_2.'),
-    (r'attention_scaling\.weight', 'layer_scale_1'),
-    (r'post_normalization\.', 'norm2.'),
-    (r'mlp\.in_dense\.', 'mlp.fc1.'),
-    (r'mlp\.depth_wise\.', 'mlp.dwconv.dwconv.'),
-    (r'mlp\.out_dense\.', 'mlp.fc2.'),
-    (r'mlp_scaling\.weight', 'layer_scale_2'),
+    ('pre_normomalization.', 'norm1.'),  # (sic) transformers' spelling
+    ('attention.pre_projection.conv.', 'attn.proj_1.'),
+    ('attention.attention_layer.attention.depth_wise.', 'attn.spatial_gating_unit.conv0.'),
+    ('attention.attention_layer.attention.depth_wise_dilated.', 'attn.spatial_gating_unit.conv_spatial.'),
+    ('attention.attention_layer.attention.point_wise.', 'attn.spatial_gating_unit.conv1.'),
+    ('attention.post_projection.', 'attn.proj_2.'),
+    ('attention_scaling.weight', 'layer_scale_1'),
+    ('post_normalization.', 'norm2.'),
+    ('mlp.in_dense.', 'mlp.fc1.'),
+    ('mlp.depth_wise.', 'mlp.dwconv.dwconv.'),
+    ('mlp.out_dense.', 'mlp.fc2.'),
+    ('mlp_scaling.weight', 'layer_scale_2'),
 )
 _HF_STAGE = re.compile(r'^encoder\.stages\.(\d+)\.(.*)$')
 _HF_LAYER = re.compile(r'^layers\.(\d+)\.(.*)$')
@@ -147,9 +149,9 @@ def _hf_to_reference_name(name: str) -> Optional[str]:
     layer = _HF_LAYER.match(rest)
     if layer:
         j, tail = layer.groups()
-        for pattern, replacement in _HF_LAYER_RENAMES:
-            if re.match(pattern + ('$' if pattern.endswith('weight') else ''), tail):
-                return f'block{i}.{j}.' + re.sub('^' + pattern, replacement, tail)
+        for hf_prefix, ref_prefix in _HF_LAYER_RENAMES:
+            if tail.startswith(hf_prefix):
+                return f'block{i}.{j}.{ref_prefix}{tail[len(hf_prefix):]}'
     return name
 
 
@@ -207,7 +209,9 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
             dim = state_dict[f'norm{i}.weight'].shape[0]
             depth = len({int(k.split('.')[1]) for k in state_dict if k.startswith(f'block{i}.')})
             hidden = state_dict[f'block{i}.0.mlp.fc1.weight'].shape[0]
-            dims.append(dim), depths.append(depth), ratios.append(hidden / dim)
+            dims.append(dim)
+            depths.append(depth)
+            ratios.append(hidden / dim)
     except (KeyError, IndexError, ValueError):
         return None
     for name, cfg in VARIANTS.items():
