@@ -20,21 +20,32 @@ import timm
 from timm.data import resolve_data_config
 from timm.utils import ModelEmaV3, distribute_bn
 
+from utils.data_layout import DatasetLayoutError, check_dataset_layout
+from utils.images import BadImageError
+from utils.output_dir import CHECKPOINTS_ON_DISK, OutputDirError, check_output_dir, estimate_checkpoint_bytes
+from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequest, recovery_record, resume_step,
+                              stop_requested)
+from utils.rng_state import capture_all_ranks, restore_rng_state
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, create_precision, parse_loss_scale
-from utils.checkpoint import (CheckpointError, CheckpointSaver, find_resume_checkpoint,
+from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteError, atomic_save, find_resume_checkpoint, remove_partial_files,
                               read_training_checkpoint)
 from utils.curves import plot_run_curves
 from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
                         build_train_criterion, find_class_map, find_split_dirs)
-from utils.device import DEVICE_CHOICES, DeviceError, cleanup_distributed, init_distributed_device
-from utils.engine import NonFiniteLossError, evaluate, set_seed, train_one_epoch
+from utils.device import DEVICE_CHOICES, DeviceError, cleanup_distributed, init_distributed_device, is_peer_failure
+from utils.engine import NonFiniteGuard, NonFiniteLossError, evaluate, set_seed, train_one_epoch
 from utils.logger import setup_logger, update_summary
 from utils.optim import create_optimizer, create_scheduler
 from utils.progress import progress_enabled
 from utils.tensorboard import create_writer
 
+# In a distributed run, how often (steps) the ranks agree on whether one of them received a stop
+# signal: each check makes all ranks wait for one another, so it is not done every step.
+STOP_CHECK_STEPS = 10
+
 # Errors a user can cause: reported as one message, exit status 2, no traceback.
-USER_ERRORS = (DatasetError, CheckpointError, DeviceError, AmpError, NonFiniteLossError)
+USER_ERRORS = (DatasetError, DatasetLayoutError, BadImageError, CheckpointError, CheckpointWriteError, OutputDirError, DeviceError, AmpError,
+               NonFiniteLossError)
 
 
 class ModelError(ValueError):
@@ -142,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help='cap the steps of each epoch (performance runs)')
     group.add_argument('--tensorboard', action='store_true',
                        help='also write per-epoch scalars to <run dir>/tensorboard (needs the tensorboard package)')
+
+    group = parser.add_argument_group('faults')
+    group.add_argument('--strict-data', action='store_true',
+                       help='stop at the first unreadable image (default: skip it, report it, count it)')
+    group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                       help=f'also write {RECOVERY_FILE} every N steps (0 = only on SIGTERM/SIGINT)')
+    group.add_argument('--max-nonfinite-steps', type=int, default=20, metavar='N',
+                       help='stop when the loss is NaN/inf for N steps in a row under the float16 loss scaler '
+                            '(without a scaler the first one stops the run)')
+    group.add_argument('--dist-timeout', type=float, default=600, metavar='SECONDS',
+                       help='a process waiting longer than this for the others (one died or hangs) stops with a message')
     return parser
 
 
@@ -196,6 +218,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  ('--cooldown-epochs', args.cooldown_epochs, 0),
                                  ('--checkpoint-hist', args.checkpoint_hist, 0),
                                  ('--max-steps-per-epoch', args.max_steps_per_epoch or 1, 1),
+                                 ('--recovery-interval', args.recovery_interval, 0),
+                                 ('--max-nonfinite-steps', args.max_nonfinite_steps, 1),
+                                 ('--dist-timeout', args.dist_timeout, 1),
                                  ('--img-size', args.img_size or 32, 32)):
         if value < minimum:
             parser.error(f'{flag} must be at least {minimum}, got {value}')
@@ -215,9 +240,11 @@ def resolve_run_dir(args) -> str:
         return os.path.join(args.output, args.experiment)
     if args.resume == 'auto' and os.path.isdir(args.output):
         runs = [os.path.join(args.output, d) for d in os.listdir(args.output)]
-        runs = [d for d in runs if os.path.isfile(os.path.join(d, 'last.pth.tar'))]
-        if runs:
-            return max(runs, key=lambda d: os.path.getmtime(os.path.join(d, 'last.pth.tar')))
+        saved = {d: [os.path.getmtime(p) for p in (os.path.join(d, n) for n in ('last.pth.tar', RECOVERY_FILE))
+                     if os.path.isfile(p)] for d in runs}
+        saved = {d: max(times) for d, times in saved.items() if times}
+        if saved:
+            return max(saved, key=saved.get)
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     return os.path.join(args.output, f'{stamp}-{args.model}-{args.img_size or 224}')
 
@@ -274,17 +301,19 @@ def plain_args(args) -> dict:
 
 
 def run(args) -> None:
-    dist_env = init_distributed_device(args.device, args.local_rank)
+    dist_env = init_distributed_device(args.device, args.local_rank, args.dist_timeout)
     device = dist_env.device
     run_dir = None if args.eval else resolve_run_dir(args)
     if run_dir and dist_env.is_main:
-        os.makedirs(run_dir, exist_ok=True)
+        check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
+        remove_partial_files(run_dir)
     logger = setup_logger(dist_env.is_main, os.path.join(run_dir, 'log.txt') if run_dir else None)
     logger.info(f'device {device}, world size {dist_env.world_size}' + (f', run dir {run_dir}' if run_dir else ''))
     if run_dir and dist_env.is_main:
         with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
             yaml.safe_dump(plain_args(args), f, sort_keys=True)
 
+    check_dataset_layout(args.data_path, need_train=not args.eval)  # before anything expensive
     train_dir, _ = find_split_dirs(args.data_path)
     classes = find_class_map(train_dir)
     num_classes = args.num_classes or len(classes)
@@ -294,6 +323,8 @@ def run(args) -> None:
 
     set_seed(args.seed)  # same initial weights on every rank
     model = create_model(args, num_classes)
+    if run_dir and dist_env.is_main:
+        check_output_dir(run_dir, CHECKPOINTS_ON_DISK * estimate_checkpoint_bytes(model, ema=args.model_ema))
     config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean,
                                       std=args.std, interpolation=args.interpolation), model=model)
     data_config = DataConfig(config['input_size'], config['interpolation'], config['mean'], config['std'],
@@ -303,7 +334,7 @@ def run(args) -> None:
                      re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
                      interpolation=args.train_interpolation)
     train_set, val_set, class_to_idx = build_datasets(args.data_path, data_config, train_aug, args.seed,
-                                                      with_train=not args.eval)
+                                                      with_train=not args.eval, strict_data=args.strict_data)
     train_loader, val_loader = build_loaders(
         train_set, val_set, args.batch_size, args.validation_batch_size or args.batch_size,
         args.workers, dist_env.rank, dist_env.world_size, args.seed, args.pin_mem)
@@ -356,6 +387,11 @@ def run(args) -> None:
                            best=(checkpoint['best_metric'], checkpoint['best_epoch'])
                            if checkpoint.get('best_metric') is not None else None)
         logger.info(f'resumed from {checkpoint_path} (epoch {checkpoint["epoch"]} done)')
+    # A recovery checkpoint (SIGTERM, --recovery-interval) continues inside its epoch.
+    recovery = checkpoint.get('recovery') if checkpoint is not None and not args.eval else None
+    start_step = resume_step(recovery, args.batch_size, dist_env.world_size) if recovery else 0
+    if recovery:
+        logger.info(f'continuing epoch {recovery["epoch"]} after {recovery["samples_seen"]} samples (step {start_step})')
 
     eval_model = torch.compile(model) if args.compile else model
     train_model = eval_model
@@ -377,50 +413,90 @@ def run(args) -> None:
     criterion = build_train_criterion(mixup_fn, args.smoothing)
     if start_epoch > 0:
         if args.sched_on_updates:
-            scheduler.step_update(start_epoch * steps_per_epoch)
+            scheduler.step_update(start_epoch * steps_per_epoch + start_step)
         else:
             scheduler.step(start_epoch)
     saver = CheckpointSaver(run_dir, args.checkpoint_hist, **saver_state) if dist_env.is_main else None
     best = saver_state.get('best')
-    tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, 'tensorboard'), dist_env.is_main, logger)
-    for epoch in range(start_epoch, total_epochs):
-        # Seed per epoch so that drop path and mixup draw the same numbers whether or not the run
-        # was resumed; per-image augmentation is seeded in the dataset.
-        set_seed(args.seed, epoch, dist_env.rank)
-        train_loader.sampler.set_epoch(epoch)
-        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        train_stats = train_one_epoch(
-            train_model, train_loader, criterion, optimizer, precision, device, epoch, dist_env, logger,
-            mixup_fn=mixup_fn, lr_scheduler=scheduler, num_updates=epoch * steps_per_epoch,
-            clip_grad=args.clip_grad, clip_mode=args.clip_mode, model_ema=model_ema,
-            log_interval=args.log_interval, max_steps=args.max_steps_per_epoch, channels_last=args.channels_last,
-            show_progress=show_progress)
-        if dist_env.distributed and args.dist_bn and not args.sync_bn:
-            distribute_bn(model, dist_env.world_size, reduce=args.dist_bn == 'reduce')
-        metrics = evaluate(eval_model, val_loader, **eval_kwargs)
+
+    def training_state() -> dict:
+        state = dict(arch=args.model, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), version=2, args=plain_args(args),
+                     class_to_idx=class_to_idx)
+        if precision.checkpoint_key:
+            state[precision.checkpoint_key] = precision.state_dict()
         if model_ema is not None:
-            if dist_env.distributed and args.dist_bn and not args.sync_bn:
-                distribute_bn(model_ema, dist_env.world_size, reduce=args.dist_bn == 'reduce')
-            evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
-        scheduler.step(epoch + 1, metrics['top1'])
+            state['state_dict_ema'] = model_ema.module.state_dict()
+        return state
+
+    # The float16 GradScaler (and apex's loss scaling) skips steps whose gradients are not finite;
+    # without one a non-finite loss has already spoilt the weights.
+    nonfinite_guard = NonFiniteGuard(precision.checkpoint_key is not None, args.max_nonfinite_steps)
+    recovery_path = os.path.join(run_dir, RECOVERY_FILE)
+
+    def save_recovery(epoch: int, steps_done: int) -> None:
+        nonfinite_guard.check()  # never save weights that a non-finite step touched
+        rng = capture_all_ranks(device)  # collective: every rank calls save_recovery
         if dist_env.is_main:
-            summary_row = dict(
-                epoch=epoch, train_loss=f"{train_stats['loss']:.6f}", lr=f"{train_stats['lr']:.6e}",
-                eval_loss=f"{metrics['loss']:.6f}", eval_top1=f"{metrics['top1']:.4f}",
-                eval_top5=f"{metrics['top5']:.4f}")
-            update_summary(os.path.join(run_dir, 'summary.csv'), summary_row)
-            tensorboard.write_epoch(summary_row)
-            state = dict(arch=args.model, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), version=2, args=plain_args(args),
-                         class_to_idx=class_to_idx)
-            if precision.checkpoint_key:
-                state[precision.checkpoint_key] = precision.state_dict()
+            atomic_save(dict(training_state(), epoch=epoch - 1, checkpoint_history=[list(h) for h in saver.history],
+                             best_metric=saver.best[0] if saver.best else None,
+                             best_epoch=saver.best[1] if saver.best else None,
+                             recovery=recovery_record(epoch, steps_done, args.batch_size, dist_env.world_size,
+                                                      epoch * steps_per_epoch + steps_done, rng)), recovery_path)
+            logger.info(f'recovery checkpoint: epoch {epoch} step {steps_done} -> {recovery_path}')
+
+    tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, 'tensorboard'), dist_env.is_main, logger)
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, total_epochs):
+            # Seed per epoch so that drop path and mixup draw the same numbers whether or not the run
+            # was resumed; per-image augmentation is seeded in the dataset.
+            set_seed(args.seed, epoch, dist_env.rank)
+            resuming = recovery is not None and epoch == recovery['epoch']
+            train_loader.sampler.set_epoch(epoch, recovery['samples_seen'] if resuming else 0)
+            if resuming and len(recovery['rng']) == dist_env.world_size:
+                restore_rng_state(recovery['rng'][dist_env.rank], device)  # continue mid-epoch random streams
+            if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                mixup_fn.mixup_enabled = False
+            points = RecoveryPoints(stop, lambda steps_done: save_recovery(epoch, steps_done), device,
+                                    args.recovery_interval, sync_every=STOP_CHECK_STEPS if dist_env.distributed else 1)
+            first_step = start_step if resuming else 0
+            train_stats = train_one_epoch(
+                train_model, train_loader, criterion, optimizer, precision, device, epoch, dist_env, logger,
+                mixup_fn=mixup_fn, lr_scheduler=scheduler, num_updates=epoch * steps_per_epoch + first_step,
+                clip_grad=args.clip_grad, clip_mode=args.clip_mode, model_ema=model_ema,
+                log_interval=args.log_interval, max_steps=args.max_steps_per_epoch, channels_last=args.channels_last,
+                nonfinite_guard=nonfinite_guard, start_step=first_step, on_step_end=points,
+                show_progress=show_progress)
+            if train_stats['stopped']:
+                raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} in epoch {epoch} after '
+                                f'step {points.stopped_after}; {recovery_path} holds that point: run the same command '
+                                'with --resume auto (and the same --experiment) to continue',
+                                stop.signal_name or 'SIGTERM')
+            nonfinite_guard.check()
+            if dist_env.distributed and args.dist_bn and not args.sync_bn:
+                distribute_bn(model, dist_env.world_size, reduce=args.dist_bn == 'reduce')
+            metrics = evaluate(eval_model, val_loader, **eval_kwargs)
             if model_ema is not None:
-                state['state_dict_ema'] = model_ema.module.state_dict()
-            best = saver.save(state, epoch, metrics['top1'])
-        elif best is None or metrics['top1'] > best[0]:
-            best = (metrics['top1'], epoch)  # every rank has the same metrics
+                if dist_env.distributed and args.dist_bn and not args.sync_bn:
+                    distribute_bn(model_ema, dist_env.world_size, reduce=args.dist_bn == 'reduce')
+                evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
+            scheduler.step(epoch + 1, metrics['top1'])
+            if dist_env.is_main:
+                summary_row = dict(
+                    epoch=epoch, train_loss=f"{train_stats['loss']:.6f}", lr=f"{train_stats['lr']:.6e}",
+                    eval_loss=f"{metrics['loss']:.6f}", eval_top1=f"{metrics['top1']:.4f}",
+                    eval_top5=f"{metrics['top5']:.4f}")
+                update_summary(os.path.join(run_dir, 'summary.csv'), summary_row)
+                tensorboard.write_epoch(summary_row)
+                best = saver.save(training_state(), epoch, metrics['top1'])
+                if os.path.exists(recovery_path):  # superseded by the epoch's checkpoint
+                    os.remove(recovery_path)
+            elif best is None or metrics['top1'] > best[0]:
+                best = (metrics['top1'], epoch)  # every rank has the same metrics
+            if stop_requested(stop, device):  # the signal came during evaluation or saving
+                raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} after epoch {epoch}, '
+                                'which is saved in last.pth.tar: run the same command with --resume auto to continue',
+                                stop.signal_name or 'SIGTERM')
     tensorboard.close()
     if dist_env.is_main:
         plot_run_curves(run_dir, logger)
@@ -435,9 +511,20 @@ def main(argv=None) -> int:
     except USER_ERRORS + (ModelError,) as error:
         print(f'error: {error}', file=sys.stderr, flush=True)
         return 2
+    except Preempted as stopped:
+        print(stopped, file=sys.stderr, flush=True)
+        return stopped.exit_status
     except KeyboardInterrupt:
         print('interrupted; the last completed epoch is in last.pth.tar (--resume auto continues)', file=sys.stderr)
         return 130
+    except Exception as error:
+        if not is_peer_failure(error):
+            raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f'error: process {os.environ.get("RANK", "?")} lost contact with the others ({first_line}); another '
+              'process probably failed or hangs, see its output. Finished epochs are kept: fix the cause and run '
+              'again with --resume auto', file=sys.stderr, flush=True)
+        return 1
     finally:
         cleanup_distributed()
     return 0

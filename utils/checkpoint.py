@@ -1,9 +1,11 @@
 """Training checkpoints: atomic writes, best-N history, safe reading, and finding one to resume.
 
 Files in the run dir: last.pth.tar (every epoch), model_best.pth.tar, checkpoint-<epoch>.pth.tar
-(the best --checkpoint-hist epochs). A file is written to a temporary name, flushed, fsynced and
-renamed over the target, so a crash leaves either the old complete file or the new one.
+(the best --checkpoint-hist epochs), recovery.pth.tar (mid-epoch, see utils.preemption). A file is
+written to a temporary name, flushed, fsynced and renamed over the target, so a crash leaves either
+the old complete file or the new one; a failed write (full disk) removes its temporary file.
 """
+import contextlib
 import glob
 import os
 import re
@@ -12,14 +14,20 @@ import shutil
 import torch
 
 from models.weights import safe_load
+from utils.preemption import RECOVERY_FILE
 
-CHECKPOINT_FILES = ('last.pth.tar', 'model_best.pth.tar')
+CHECKPOINT_FILES = ('last.pth.tar', 'model_best.pth.tar', RECOVERY_FILE)
+TEMP_PATTERN = '*.pth.tar.tmp*'  # what a process killed while writing leaves behind
 HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
 REQUIRED_RESUME_KEYS = ('epoch', 'state_dict', 'optimizer')
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not a training checkpoint of this repo."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, lost permissions); the previous file is kept."""
 
 
 def _fsync_dir(directory: str) -> None:
@@ -36,24 +44,77 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj, path: str) -> None:
+@contextlib.contextmanager
+def _temporary_for(path: str):
+    """Yield a temporary name next to `path`; on any failure remove it and keep the old `path`."""
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(error, OSError):
+            kept = 'the previous version is kept' if os.path.exists(path) else 'nothing was written'
+            raise CheckpointWriteError(f'cannot write checkpoint {path!r}: {error.strerror or error} ({kept}); '
+                                  'free disk space or choose another --output, then --resume auto') from None
+        raise
+
+
+class _WriteAll:
+    """Unbuffered file-like for torch.save that writes every byte or raises the OSError. torch's zip
+    writer reports a failed or partial write (full disk) only as 'unexpected pos', hiding the cause."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.error = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast('B')
+        done = 0
+        try:
+            while done < len(view):
+                done += self.raw.write(view[done:])
+        except OSError as error:
+            self.error = error
+            raise
+        return done
+
+    def flush(self) -> None:
+        pass
+
+
+def atomic_save(obj, path: str) -> None:
+    with _temporary_for(path) as tmp:
+        with open(tmp, 'wb', buffering=0) as raw:
+            writer = _WriteAll(raw)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_copy(src: str, dst: str) -> None:
-    tmp = f'{dst}.tmp{os.getpid()}'
-    with open(src, 'rb') as fin, open(tmp, 'wb') as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, dst)
+    with _temporary_for(dst) as tmp:
+        with open(src, 'rb') as fin, open(tmp, 'wb') as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
     _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def remove_partial_files(run_dir: str) -> list:
+    """Delete temporary files of writes that a killed process (kill -9, power loss) never finished."""
+    partial = glob.glob(os.path.join(run_dir, TEMP_PATTERN))
+    for path in partial:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    return partial
 
 
 def read_file(path: str):
@@ -76,9 +137,15 @@ def read_training_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def _progress(checkpoint: dict):
+    # A recovery checkpoint written inside epoch e has epoch = e - 1 (the last completed one) and
+    # counts the steps done in e, so it is newer than last.pth.tar of e - 1 and older than that of e.
+    return checkpoint['epoch'], (checkpoint.get('recovery') or {}).get('steps_done', 0)
+
+
 def find_resume_checkpoint(run_dir: str):
-    """The newest complete training checkpoint in `run_dir` (highest epoch; unreadable files are
-    skipped), or None. Returns (path, checkpoint)."""
+    """The newest complete training checkpoint in `run_dir` (highest epoch, then furthest inside the
+    next epoch; unreadable files are skipped), or None. Returns (path, checkpoint)."""
     candidates = [os.path.join(run_dir, name) for name in CHECKPOINT_FILES]
     candidates += glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar'))
     best = None
@@ -89,7 +156,7 @@ def find_resume_checkpoint(run_dir: str):
             checkpoint = read_training_checkpoint(path)
         except CheckpointError:
             continue
-        if best is None or checkpoint['epoch'] > best[1]['epoch']:
+        if best is None or _progress(checkpoint) > _progress(best[1]):
             best = (path, checkpoint)
     return best
 

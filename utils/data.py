@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.datasets import ImageFolder
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import find_classes
+
+from utils.images import RobustImageFolder, SkipCounter, collate_samples
+from utils.sampler import ResumableSampler
 
 VAL_DIR_NAMES = ('val', 'validation')
 
@@ -52,9 +54,9 @@ def find_split_dirs(data_path: str):
     return train_dir, val_dir
 
 
-def _image_folder(root: str, transform) -> ImageFolder:
+def _image_folder(root: str, transform, on_bad: str, strict: bool) -> RobustImageFolder:
     try:
-        return ImageFolder(root, transform=transform)
+        return RobustImageFolder(root, transform=transform, on_bad=on_bad, strict=strict)
     except (FileNotFoundError, RuntimeError) as error:
         # torchvision raises when a split has no class folders or no images in them.
         raise DatasetError(f'cannot read images under {root!r}: {error}') from None
@@ -103,15 +105,16 @@ class SeededPerImage(Dataset):
 
 
 class EpochTaggingSampler(Sampler):
-    """A DistributedSampler whose indices carry the epoch, for SeededPerImage."""
+    """A ResumableSampler whose indices carry the epoch, for SeededPerImage."""
 
-    def __init__(self, sampler: DistributedSampler):
+    def __init__(self, sampler: ResumableSampler):
         self.sampler = sampler
         self.epoch = 0
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int, start: int = 0):
+        """`start`: samples all ranks already used in this epoch (a run resumed mid-epoch)."""
         self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start)
 
     def __iter__(self):
         epoch = self.epoch
@@ -146,7 +149,8 @@ def find_class_map(train_dir: str) -> Dict[str, int]:
         raise DatasetError(f'no class folders in {train_dir!r}: {error}') from None
 
 
-def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, seed: int, with_train: bool = True):
+def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, seed: int, with_train: bool = True,
+                   strict_data: bool = False):
     """(train_set, val_set, class_to_idx); `train_aug` holds timm create_transform kwargs for training
     (auto_augment, re_prob, re_mode, re_count, color_jitter, interpolation). Without `with_train`
     (evaluation) the training images are not listed, only its class folders, and train_set is None."""
@@ -154,7 +158,7 @@ def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, see
     if not with_train:
         val_folder = _image_folder(val_dir, create_transform(
             data_config.input_size, is_training=False, interpolation=data_config.interpolation,
-            mean=data_config.mean, std=data_config.std, crop_pct=data_config.crop_pct))
+            mean=data_config.mean, std=data_config.std, crop_pct=data_config.crop_pct), 'drop', strict_data)
         class_to_idx = find_class_map(train_dir)
         check_same_classes(class_to_idx, val_folder.class_to_idx, train_dir, val_dir)
         return None, val_folder, class_to_idx
@@ -163,8 +167,10 @@ def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, see
     val_transform = create_transform(
         data_config.input_size, is_training=False, interpolation=data_config.interpolation,
         mean=data_config.mean, std=data_config.std, crop_pct=data_config.crop_pct)
-    train_folder = _image_folder(train_dir, train_transform)
-    val_folder = _image_folder(val_dir, val_transform)
+    # An unreadable training image is replaced by another sample (the batch stays full); an unreadable
+    # validation image is left out, so no image is counted twice. strict_data: stop at the first one.
+    train_folder = _image_folder(train_dir, train_transform, 'substitute', strict_data)
+    val_folder = _image_folder(val_dir, val_transform, 'drop', strict_data)
     check_same_classes(train_folder.class_to_idx, val_folder.class_to_idx, train_dir, val_dir)
     return SeededPerImage(train_folder, seed), val_folder, dict(train_folder.class_to_idx)
 
@@ -172,19 +178,24 @@ def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, see
 def build_loaders(train_set: Optional[Dataset], val_set: Dataset, batch_size: int, val_batch_size: int,
                   workers: int, rank: int, world_size: int, seed: int, pin_memory: bool):
     """Training loader (sharded and shuffled per epoch, last partial batch dropped as in the reference,
-    which also keeps Mixup's even-batch requirement) and an unpadded evaluation loader."""
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    which also keeps Mixup's even-batch requirement) and an unpadded evaluation loader. Both yield
+    (images, targets) and count the unreadable files of each pass in `.skipped` (utils.images)."""
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                  collate_fn=collate_samples)
     train_loader = None
     if train_set is not None:
         per_rank = math.ceil(len(train_set) / world_size)
         if per_rank < batch_size:
             raise DatasetError(f'the training set has {len(train_set)} images, fewer than one batch per '
                                f'process ({batch_size} x {world_size} processes); lower --batch-size')
-        sampler = EpochTaggingSampler(DistributedSampler(
-            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed))
-        train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
-    val_loader = DataLoader(val_set, batch_size=val_batch_size, shuffle=False, drop_last=False,
-                            sampler=ShardWithoutPadding(len(val_set), rank, world_size), **common)
+        sampler = EpochTaggingSampler(ResumableSampler(
+            len(train_set), num_replicas=world_size, rank=rank, shuffle=True, seed=seed))
+        # Worker seeds come from the loader's own generator, so starting an epoch does not advance the
+        # global RNG that a mid-epoch resume restores (images are seeded by SeededPerImage anyway).
+        train_loader = SkipCounter(DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                              generator=torch.Generator().manual_seed(seed), **common))
+    val_loader = SkipCounter(DataLoader(val_set, batch_size=val_batch_size, shuffle=False, drop_last=False,
+                                        sampler=ShardWithoutPadding(len(val_set), rank, world_size), **common))
     return train_loader, val_loader
 
 

@@ -3,6 +3,7 @@
 Everything after `init_distributed_device` only sees a `torch.device` and a `DistEnv`; the NPU
 gate (importing torch_npu) lives here and nowhere else.
 """
+import datetime
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -74,11 +75,13 @@ def _rank_env(local_rank_arg: int):
     return rank, world_size, local_rank
 
 
-def init_distributed_device(device: str = 'auto', local_rank: int = -1) -> DistEnv:
+def init_distributed_device(device: str = 'auto', local_rank: int = -1, timeout_s: float = 600) -> DistEnv:
     """Pick the device and, when launched with several processes, join the process group.
 
     The backend follows the device (hccl, nccl, gloo). Multi-node runs need nothing extra: torchrun's
     --nnodes/--node_rank/--master_addr arrive as RANK/WORLD_SIZE/MASTER_ADDR in the environment.
+    `timeout_s` bounds every collective: when another process dies or hangs, this one gets an error
+    after at most that long instead of waiting forever (see is_peer_failure).
     """
     device_type = resolve_device_type(device)
     rank, world_size, local_rank = _rank_env(local_rank)
@@ -94,7 +97,7 @@ def init_distributed_device(device: str = 'auto', local_rank: int = -1) -> DistE
         torch_device = torch.device(device_type, local_rank)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=BACKEND_BY_DEVICE[device_type], init_method='env://',
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     return DistEnv(device=torch_device, rank=rank, world_size=world_size, local_rank=local_rank)
 
 
@@ -109,6 +112,16 @@ def all_reduce_sum(tensor: torch.Tensor, dist_env: DistEnv) -> torch.Tensor:
     if dist_env.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the errors a collective raises when another process died, hung or lost its network."""
+    if isinstance(error, getattr(dist, 'DistError', ())):
+        return True
+    text = str(error)
+    return dist.is_available() and dist.is_initialized() and any(sign in text for sign in (
+        'Connection closed by peer', 'Connection reset by peer', 'Timed out', 'timed out', 'Broken pipe',
+        'NCCL', 'HCCL', 'gloo'))
 
 
 def cleanup_distributed() -> None:

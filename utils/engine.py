@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from utils.device import DistEnv, all_reduce_sum, synchronize
 from utils.logger import AverageMeter
+from utils.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: for main.py)
 from utils.progress import progress
 
 FPS_WARMUP_STEPS = 5  # the first steps of an epoch (worker start, allocator warm-up) are not timed
@@ -27,10 +28,6 @@ def set_seed(seed: int, epoch: int = 0, rank: int = 0) -> None:
     random.seed(derived)
     np.random.seed(derived % 2**32)
     torch.manual_seed(derived)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss stayed NaN/inf for a whole log interval."""
 
 
 def _to_device(images, targets, device, channels_last):
@@ -46,16 +43,21 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
                     mixup_fn: Optional[Callable] = None, lr_scheduler=None, num_updates: int = 0,
                     clip_grad: Optional[float] = None, clip_mode: str = 'norm', model_ema=None,
                     log_interval: int = 50, max_steps: Optional[int] = None, channels_last: bool = False,
-                    show_progress: bool = False):
-    """One pass over the training loader; returns dict(loss, lr, fps, num_updates)."""
+                    nonfinite_guard: Optional[NonFiniteGuard] = None, start_step: int = 0,
+                    on_step_end: Optional[Callable[[int], bool]] = None, show_progress: bool = False):
+    """One pass over the training loader; returns dict(loss, lr, fps, num_updates, skipped, stopped).
+
+    start_step: steps of this epoch done before a resume (the loader yields only the rest).
+    on_step_end(steps done in the epoch) -> True stops the epoch early (preemption, utils.preemption).
+    """
     model.train()
-    steps = len(loader) if not max_steps else min(len(loader), max_steps)
+    steps = len(loader) if not max_steps else max(0, min(len(loader), max_steps - start_step))
     global_batch = loader.batch_size * dist_env.world_size
     batch_time, data_time = AverageMeter(), AverageMeter()
     loss_sum = torch.zeros((), device=device)
-    nonfinite_steps = torch.zeros((), device=device)
-    steps_since_log = 0
+    nonfinite_guard = nonfinite_guard or NonFiniteGuard(scaler_skips_steps=False)
     epoch_loss_sum = 0.0
+    stopped = False
 
     previous_end = timed_start = time.perf_counter()
     timed_steps = steps
@@ -81,8 +83,7 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
 
         loss = loss.detach().float()
         loss_sum += loss
-        nonfinite_steps += (~torch.isfinite(loss)).float()
-        steps_since_log += 1
+        nonfinite_guard.update(loss, f'epoch {epoch} step {start_step + step + 1}')
         last_step = step == steps - 1
         if steps > FPS_WARMUP_STEPS and step == FPS_WARMUP_STEPS - 1:
             synchronize(device)
@@ -91,29 +92,32 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
         batch_time.update(step_end - previous_end)  # includes data loading, like the FPS
         previous_end = step_end
         if (step + 1) % log_interval == 0 or last_step:
-            stats = torch.stack([loss, loss_sum, nonfinite_steps])
+            nonfinite_guard.check()
+            stats = torch.stack([loss, loss_sum])
             all_reduce_sum(stats, dist_env)
-            loss_now, loss_total, nonfinite = (stats / dist_env.world_size).tolist()
-            if nonfinite >= steps_since_log:
-                raise NonFiniteLossError(
-                    f'the training loss was NaN/inf at every step of epoch {epoch} steps '
-                    f'{step + 2 - steps_since_log}-{step + 1}; stopping instead of training on garbage. '
-                    'Lower --lr, enable --clip-grad, or check the data. The last good checkpoint is kept.')
-            nonfinite_steps.zero_()
-            steps_since_log = 0
+            loss_now, loss_total = (stats / dist_env.world_size).tolist()
             lr = optimizer.param_groups[0]['lr']
+            done, total = start_step + step + 1, start_step + steps
             logger.info(
-                f'Train: {epoch} [{step + 1:>4d}/{steps:>4d} ({100.0 * (step + 1) / steps:>3.0f}%)]  '
+                f'Train: {epoch} [{done:>4d}/{total:>4d} ({100.0 * done / total:>3.0f}%)]  '
                 f'Loss: {loss_now:.4f} ({loss_total / (step + 1):.4f})  '
                 f'Time: {batch_time.val:.3f}s, {global_batch / max(batch_time.val, 1e-9):>6.2f}/s  '
                 f'LR: {lr:.3e}  Data: {data_time.val:.3f} ({data_time.avg:.3f})')
             epoch_loss_sum = loss_total
+        if on_step_end is not None and on_step_end(start_step + step + 1):
+            stopped = True
+            break
     synchronize(device)
     elapsed = time.perf_counter() - timed_start
     fps = global_batch * timed_steps / max(elapsed, 1e-9)
-    logger.info(f'Epoch {epoch} FPS:{fps:.2f}')
+    skipped = torch.tensor([float(getattr(loader, 'skipped', 0))], device=device)
+    skipped = int(all_reduce_sum(skipped, dist_env).item())
+    if not stopped:  # the FPS of a partial epoch would mislead the performance scripts
+        logger.info(f'Epoch {epoch} FPS:{fps:.2f}')
+    if skipped:
+        logger.info(f'Epoch {epoch} skipped {skipped} unreadable training images (each replaced by another sample)')
     return dict(loss=epoch_loss_sum / max(steps, 1), lr=optimizer.param_groups[0]['lr'], fps=fps,
-                num_updates=num_updates)
+                num_updates=num_updates, skipped=skipped, stopped=stopped)
 
 
 @torch.no_grad()
@@ -121,12 +125,15 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: Dis
              autocast: Callable = None, log_interval: int = 50, channels_last: bool = False,
              log_prefix: str = '', show_progress: bool = False):
     """Loss, Acc@1, Acc@5 over the whole validation set, summed over ranks: every rank returns the
-    same numbers and each image counts once (the loader shards without padding)."""
+    same numbers and each image counts once (the loader shards without padding). Unreadable images
+    are left out of the metrics and counted in `skipped`."""
     model.eval()
     autocast = autocast or contextlib.nullcontext
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct@1, correct@5, n
     steps = len(loader)
     for step, (images, targets) in enumerate(progress(loader, steps, f'{log_prefix}Test', show_progress, logger)):
+        if targets.numel() == 0:
+            continue  # every image of this batch was unreadable
         images, targets = _to_device(images, targets, device, channels_last)
         with autocast():
             output = model(images)
@@ -145,13 +152,16 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: Dis
                 f'Loss: {b_loss / n:.4f} ({s_loss / s_n:.4f})  '
                 f'Acc@1: {100 * b_top1 / n:.4f} ({100 * s_top1 / s_n:.4f})  '
                 f'Acc@5: {100 * b_top5 / n:.4f} ({100 * s_top5 / s_n:.4f})')
+    sums = torch.cat([sums, torch.tensor([float(getattr(loader, 'skipped', 0))], dtype=sums.dtype, device=device)])
     all_reduce_sum(sums, dist_env)
-    total_loss, top1, top5, images = sums.tolist()
-    images = int(round(images))
+    total_loss, top1, top5, images, skipped = sums.tolist()
+    images, skipped = int(round(images)), int(round(skipped))
     if images == 0:
-        raise ValueError('the validation set is empty')
+        raise ValueError(f'the validation set has no readable image ({skipped} unreadable files skipped)')
     metrics = dict(loss=total_loss / images, top1=100.0 * top1 / images, top5=100.0 * top5 / images,
-                   images=images)
+                   images=images, skipped=skipped)
+    # The count of unreadable files follows the accuracy only when there are some, so the line the
+    # launch scripts parse keeps its exact form on clean data.
     logger.info(f"{log_prefix}* Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} "
-                f"Loss {metrics['loss']:.3f} (images {images})")
+                f"Loss {metrics['loss']:.3f} (images {images})" + (f" skipped {skipped}" if skipped else ''))
     return metrics

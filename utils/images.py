@@ -1,0 +1,216 @@
+"""Image decoding that turns every readable file into RGB and every unreadable one into a clear error.
+
+Large datasets always contain a few broken files. `load_rgb` decides, for one file, whether it can be
+used and how it becomes an 8-bit RGB image; `RobustImageFolder` uses it so that a broken file costs
+one sample instead of the run; `SkipCounter` counts and reports those files in the main process.
+
+Decisions (each one documented here because it changes the pixels the model sees):
+- Truncated JPEG/PNG: bad. Pillow could pad the missing rows with grey, but that trains on garbage.
+- Zero-byte files and files Pillow cannot identify (a text file named .jpg): bad.
+- Grayscale (1, L), CMYK, YCbCr: converted to RGB by Pillow.
+- 16-bit grayscale (I;16*, I): scaled to 8 bit (value / 257). Pillow's own convert clips at 255,
+  which would turn almost every pixel white.
+- Transparency (RGBA, LA, PA, palette with a transparent colour): composited on white. Dropping
+  alpha exposes whatever colour the encoder left under transparent pixels (often black or noise);
+  white is what a viewer shows and what product/logo images are made for.
+- More pixels than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, 89.5 MP by
+  default): bad, without decoding. No training image needs that many pixels (VAN trains on 224 px
+  crops), such a file is usually an error or an attack, and decoding it costs gigabytes per worker.
+  Users who really need huge images can raise `PIL.Image.MAX_IMAGE_PIXELS` (None disables it).
+"""
+import logging
+import os
+import warnings
+from typing import Callable, List, NamedTuple, Optional
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import default_collate
+from torchvision.datasets import ImageFolder
+
+_logger = logging.getLogger(__name__)
+
+# A substitute is looked for among the next samples of the (sorted) file list, which are usually
+# of the same class. This many unreadable files in a row means the dataset, not a file, is broken.
+MAX_CONSECUTIVE_BAD = 50
+
+_WHITE = (255, 255, 255)
+
+
+class BadImageError(RuntimeError):
+    """A file that cannot be used as a training or validation image."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert an already decoded image of any Pillow mode to 8-bit RGB (see module docstring)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        # A palette image with a transparent index must go through RGBA to honour it.
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        # 16-bit sources use the full 0..65535 range; an 'I' or 'F' image that stays within 0..255
+        # is already 8-bit data stored wide.
+        scale = 257.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        gray = np.clip(np.rint(values / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode `path` fully and return it as an 8-bit RGB image; raise BadImageError if it cannot be used."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImageError(path, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; treat both the same way.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now, so truncation is found here and not inside a transform
+                return _to_rgb(img)
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(path, f"too many pixels ({e}); resize the file or raise PIL.Image.MAX_IMAGE_PIXELS") from None
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image file Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        # OSError: truncated or corrupt data, unreadable file; ValueError/SyntaxError: broken headers
+        # and colour modes Pillow cannot convert.
+        raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+class Sample(tuple):
+    """(image, target), exactly what ImageFolder returns, plus two attributes for collate_samples:
+    `bad_files` holds 'path: reason' when the requested file was unreadable; `valid` is False for a
+    placeholder that stands for an unreadable file in 'drop' mode."""
+
+    def __new__(cls, image, target, bad_files: tuple = (), valid: bool = True):
+        sample = super().__new__(cls, (image, target))
+        sample.bad_files, sample.valid = bad_files, valid
+        return sample
+
+    def __getnewargs__(self):  # keeps the attributes when a DataLoader worker pickles the sample
+        return self[0], self[1], self.bad_files, self.valid
+
+    image = property(lambda self: self[0])
+    target = property(lambda self: self[1])
+
+
+class RobustImageFolder(ImageFolder):
+    """torchvision ImageFolder that survives unreadable files.
+
+    on_bad='substitute' (training): the next readable sample in file order is used instead, so the
+        batch stays full; the choice depends only on the index, which keeps resumed runs exact.
+    on_bad='drop' (evaluation): a placeholder marked invalid is returned and `collate_samples`
+        removes it, so every readable validation image is counted exactly once and no image twice.
+    strict=True: the first unreadable file raises BadImageError naming it.
+    A substitute is transformed with the random state the requested sample would have used
+    (see utils.data.SeededPerImage), so the choice and its augmentation are reproducible.
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, on_bad: str = "substitute",
+                 strict: bool = False):
+        if on_bad not in ("substitute", "drop"):
+            raise ValueError(f"on_bad must be 'substitute' or 'drop', not {on_bad!r}")
+        super().__init__(root, transform=transform, loader=load_rgb)
+        self.on_bad = on_bad
+        self.strict = strict
+
+    def _load(self, index: int):
+        path, target = self.samples[index]
+        image = self.loader(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+    def __getitem__(self, index: int) -> Sample:
+        bad: Optional[str] = None  # the requested file, when unreadable
+        for offset in range(MAX_CONSECUTIVE_BAD):
+            candidate = (index + offset) % len(self.samples)
+            try:
+                image, target = self._load(candidate)
+                return Sample(image, target, (bad,) if bad else (), True)
+            except BadImageError as e:
+                if self.strict:
+                    raise BadImageError(e.path, e.reason + " (--strict-data stops at the first unreadable file; "
+                                        "remove or fix it, or run without --strict-data to skip such files)") from None
+                # Only the requested file counts as skipped here: an unreadable substitute is counted
+                # (and reported) when its own index comes up, so each file counts once per pass.
+                bad = bad or str(e)
+                if self.on_bad == "drop":
+                    return Sample(self._placeholder(), self.samples[index][1], (bad,), False)
+        raise RuntimeError(
+            f"{MAX_CONSECUTIVE_BAD} unreadable images in a row under {self.root} (first: {bad}); "
+            "the dataset looks broken, check the files or the disk")
+
+    def _placeholder(self):
+        # The evaluation transform of a blank image has the shape collation needs.
+        image = Image.new("RGB", (256, 256), _WHITE)
+        return self.transform(image) if self.transform is not None else image
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    targets: torch.Tensor
+    bad_files: tuple
+
+
+def collate_samples(samples: List[Sample]) -> Batch:
+    """Collate Samples, dropping invalid placeholders and keeping every unreadable file met for the batch.
+
+    Runs in the worker processes; the file names travel with the batch so the main process can count
+    and report them (a counter inside the dataset would live in a worker's copy and be lost).
+    """
+    bad_files = tuple(f for s in samples for f in s.bad_files)
+    kept = [s for s in samples if s.valid]
+    if kept:
+        images, targets = default_collate([(s.image, s.target) for s in kept])
+    else:
+        # Every sample of this batch was unreadable: an empty batch of the right shape.
+        images, targets = default_collate([(s.image, s.target) for s in samples[:1]])
+        images, targets = images[:0], targets[:0]
+    return Batch(images, targets, bad_files)
+
+
+class SkipCounter:
+    """Wraps a DataLoader of `collate_samples` batches: yields (images, targets), reports each
+    unreadable file once per run with its path, and counts the skips of the current pass.
+
+    Other attributes (sampler, dataset, batch_size...) are those of the wrapped loader.
+    """
+
+    def __init__(self, loader, log: Callable[[str], None] = _logger.warning):
+        self.loader = loader
+        self.log = log
+        self.skipped = 0  # unreadable files met in the current pass over the loader
+        self._reported = set()
+
+    def __iter__(self):
+        self.skipped = 0
+        for batch in self.loader:
+            self.skipped += len(batch.bad_files)
+            for bad_file in batch.bad_files:
+                if bad_file not in self._reported:  # a file is reported once per run, not once per epoch
+                    self._reported.add(bad_file)
+                    self.log(f"Skipped unreadable image {bad_file}")
+            yield batch.images, batch.targets
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
