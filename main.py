@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import models  # noqa: F401  (registers the VAN variants with timm)
+from models.weights import load_pretrained
 import timm
 from timm.data import resolve_data_config
 from timm.utils import ModelEmaV3, distribute_bn
@@ -252,10 +253,13 @@ def resolve_run_dir(args) -> str:
 def create_model(args, num_classes: int):
     kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                   lka_impl=args.lka_impl)
-    if args.pretrained:
+    if args.pretrained and not args.eval:
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=args.pretrained))
     try:
-        return timm.create_model(args.model, **kwargs)
+        model = timm.create_model(args.model, **kwargs)
+        if args.pretrained and args.eval:  # evaluation needs the file's own head, never a fresh one
+            load_pretrained(model, args.pretrained, args.model, require_head=True)
+        return model
     except (FileNotFoundError, ValueError) as error:  # the models package's messages name the fix
         raise ModelError(f'cannot build {args.model!r}: {error}') from None
     except RuntimeError as error:

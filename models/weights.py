@@ -230,21 +230,23 @@ def _variant_label(variant: str) -> str:
     return f'{variant} (= {ALIASES[variant]})' if variant in ALIASES else variant
 
 
-def load_pretrained(model: nn.Module, path: PathLike, variant: str) -> None:
+def load_pretrained(model: nn.Module, path: PathLike, variant: str, require_head: bool = False) -> None:
     """Load the weights in the file `path` into `model`, a VAN built as `variant`.
 
     See `load_weights` for the rules; `safe_load` for unreadable or unsafe files.
     """
-    load_weights(model, safe_load(path), variant, source=str(path))
+    load_weights(model, safe_load(path), variant, source=str(path), require_head=require_head)
 
 
-def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 'the weights') -> None:
+def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 'the weights',
+                 require_head: bool = False) -> None:
     """Load a checkpoint or state dict of any supported format into `model`, a VAN built as `variant`.
 
     The backbone must match exactly (names and shapes). The head is loaded when its shape matches the
     model's; otherwise the model keeps its freshly initialised head and one log line says so.
     Raises ValueError naming `variant` and the first mismatching keys when `source` holds another
-    variant or another architecture.
+    variant or another architecture, and, with `require_head` (evaluation: a fresh head would score
+    chance), when the head does not fit.
     """
     state_dict = extract_state_dict(checkpoint, source=source)
     target = model.state_dict()
@@ -275,6 +277,11 @@ def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 
         state_dict.update(file_head)
     elif model_head or file_head:
         file_classes = file_head['head.weight'].shape[0] if 'head.weight' in file_head else 0
+        if require_head:
+            raise ValueError(f'{source} has a head for {file_classes} classes but the model has '
+                             f'{getattr(model, "num_classes", 0)}: evaluating a freshly initialised head is '
+                             f'meaningless; use the dataset the weights were trained on (or --num-classes '
+                             f'{file_classes})')
         _logger.info(f'{source}: head for {file_classes} classes, model for {getattr(model, "num_classes", 0)}; '
                      f'keeping a freshly initialised head')
     model.load_state_dict({**state_dict, **({} if head_fits else model_head)}, strict=True)

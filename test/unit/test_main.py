@@ -304,3 +304,14 @@ def test_train_folder_without_classes_exits_2(tmp_path, capsys):
     (tmp_path / 'data' / 'val').mkdir()
     assert main.main(['--data_path', str(tmp_path / 'data'), '--output', str(tmp_path)]) == 2
     assert 'no class folders' in capsys.readouterr().err
+
+
+def test_eval_with_weights_of_another_class_count_is_refused(shapes_dataset, tmp_path, capsys):
+    # A fresh random head would "evaluate" at chance level: the user must hear that the file does not fit.
+    import timm
+    weights = tmp_path / 'ten_classes.pth.tar'
+    torch.save({'state_dict': timm.create_model('van_b0', num_classes=10).state_dict()}, weights)
+    code = main.main(['--data_path', str(shapes_dataset), *FAST, '--eval', '--pretrained', str(weights)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert 'ten_classes.pth.tar' in err and '10 classes' in err
