@@ -82,6 +82,7 @@ def _live_radius(radius: int, size: int, d: int) -> int:
 
 def _weight_grad(x, grad, weight_shape, padding, dilation):
     """oneDNN's depthwise weight gradient alone (the input gradient is computed as a forward conv)."""
+    x = x.to(grad.dtype)  # under autocast the saved input is float32 and the gradient bfloat16
     w = torch.empty(weight_shape, dtype=x.dtype, device=x.device)
     return torch.ops.aten.convolution_backward(
         grad, x, w, None, [1, 1], list(padding), [dilation, dilation], False, [0, 0], x.shape[1],
@@ -110,7 +111,11 @@ _POLYPHASE_MIN_AREA = 20 * 20
 class _DilatedDepthwiseConv(torch.autograd.Function):
     """Stride-1 'same' depthwise conv with dilation > 1: polyphase or dead-tap-cropped, own backward."""
 
+    # The fast route runs on CPU only. Under autocast the forward's convs run in bfloat16 while the
+    # saved weight stays float32: custom_bwd replays the forward's autocast state in backward so the
+    # backward convs see matching dtypes (autograd casts the returned gradients to the inputs' dtypes).
     @staticmethod
+    @torch.amp.custom_fwd(device_type='cpu')
     def forward(ctx, x, weight, bias, dilation, polyphase):
         n, c, h, w = x.shape
         kh, kw = weight.shape[-2:]
@@ -132,6 +137,7 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
         return y.contiguous(memory_format=ctx.meta[-1])
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type='cpu')
     def backward(ctx, grad):
         xs, live = ctx.saved_tensors
         polyphase, dilation, d, pad, (rh, rw), (kh, kw), size, memory_format = ctx.meta

@@ -138,3 +138,24 @@ def test_inference_route_matches_conv2d(shape):
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('dilation, size', [(3, (2, 8, 24, 24)), (3, (2, 8, 9, 11)), (1, (2, 8, 10, 10))])
+def test_backward_under_cpu_bfloat16_autocast(dilation, size):
+    # main.py --amp on CPU: float32 weights, bfloat16 autocast; the hand-written backward must cope.
+    torch.manual_seed(0)
+    kernel = 7 if dilation > 1 else 5
+    plain = nn.Conv2d(8, 8, kernel, padding=dilation * (kernel // 2), dilation=dilation, groups=8)
+    fast = FastConv2d(8, 8, kernel, padding=dilation * (kernel // 2), dilation=dilation, groups=8)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(size)
+    grads = []
+    for conv in (plain, fast):
+        xi = x.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = conv(xi)
+        y.float().square().sum().backward()
+        grads.append((y.float(), xi.grad, conv.weight.grad, conv.bias.grad))
+    for expected, got in zip(*grads):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
