@@ -19,13 +19,14 @@ The remedies, all exact (the same products, summed in a different order):
 - dead-tap cropping: taps whose offset is at least the map size only ever see padding; they are
   cut from the kernel (their weight gradient is exactly zero, as in nn.Conv2d).
 - a hand-written backward for the dilated conv: the input gradient is a forward depthwise conv of
-  the output gradient with the flipped kernel (polyphase-split too), and only the weight gradient
-  is left to oneDNN.
+  the output gradient with the flipped kernel (polyphase-split too); the weight gradient comes
+  from oneDNN on large phases and from one batched matmul on small ones.
 - channels_last for dense depthwise convs, whose NCHW backward is many times slower.
 
 The choices were measured on the 2-core AMD EPYC (AVX2) CPU this repository is developed on; the
-decision table is next to `_POLYPHASE_MIN_AREA`.
+decision table is next to `_BMM_MAX_AREA`.
 """
+import functools
 from typing import Tuple
 
 import torch
@@ -89,75 +90,100 @@ def _weight_grad(x, grad, weight_shape, padding, dilation):
         [False, True, False])[1]
 
 
+@functools.lru_cache(maxsize=32)
+def _tap_matrix(height: int, width: int, kh: int, kw: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(kh*kw, P*P) 0/1 matrix, P = height*width: entry (tap, q*P + p) is 1 where input position q
+    feeds output position p through that tap of a 'same' stride-1 conv (positions row-major)."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing='ij')
+    out_pos = (rows * width + cols).flatten()
+    area = height * width
+    taps = torch.zeros(kh * kw, area * area, dtype=dtype)
+    for i in range(kh):
+        for j in range(kw):
+            r, c = rows + i - kh // 2, cols + j - kw // 2
+            inside = ((r >= 0) & (r < height) & (c >= 0) & (c < width)).flatten()
+            in_pos = (r * width + c).flatten()
+            taps[i * kw + j, in_pos[inside] * area + out_pos[inside]] = 1
+    return taps.to(device)
+
+
+def _weight_grad_bmm(xs: torch.Tensor, gs: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Depthwise weight gradient of a dense 'same' conv on small maps, as one batched matmul.
+
+    For each channel, the (input position x output position) correlation matrix X^T G summed over
+    the batch holds every product the weight gradient needs; each tap sums one of its diagonals,
+    picked out by `_tap_matrix`. On small maps this is a few GEMMs instead of oneDNN's slow
+    small-map weight-gradient kernel.
+    """
+    batch, channels, height, width = xs.shape
+    area = height * width
+    x = xs.to(gs.dtype).permute(1, 0, 2, 3).reshape(channels, batch, area)
+    g = gs.permute(1, 0, 2, 3).reshape(channels, batch, area)
+    corr = torch.bmm(x.transpose(1, 2), g).view(channels, area * area)
+    taps = _tap_matrix(height, width, kh, kw, gs.dtype, gs.device)
+    return (corr @ taps.t()).view(channels, 1, kh, kw)
+
+
 # Decision table, measured on the 2-core AMD EPYC (AVX2), torch 2.14.1, van_b0 shapes at batch 32,
-# forward/backward ms, median of interleaved repeats (the machine was shared, so ratios matter more
-# than absolute values):
-#   7x7 dilation-3 depthwise   NCHW native   channels_last native   polyphase (CL)   NCHW, ours
-#     32ch 56x56                210/2395      448/3548               91/300           199/2197
-#     64ch 28x28                167/5958      270/4338               93/342           189/4337
-#     160ch 14x14               108/300       240/618                337/683          113/232
-#     256ch 7x7                 76/220        150/308                232/504          70/160 (5x5 live)
+# glibc malloc tuned (see utils/host.py) so page faults do not blur the kernels' cost; ms, median of 5:
+#   7x7 dilation-3 depthwise          forward+backward    weight gradient alone
+#                                     NCHW native, ours   NCHW native  polyphase oneDNN  polyphase bmm
+#     32ch 56x56  (phases 19x19)          -                  136           28.5            60.9
+#     64ch 28x28  (phases 10x10)          -                   78           21.4            19.9
+#     160ch 14x14 (phases 5x5)          91.9                  30           79.0            10.8
+#     256ch 7x7   (phases 3x3, 5x5 live) 22.3                 18           84.9             8.2
+#   The polyphase forward (a dense conv on the phases) is the fastest forward at every size
+#   (160ch 14x14: 4.9 ms, against about 25 ms for oneDNN's NCHW dilated kernel), and so is the
+#   input gradient, which is the same forward conv with the flipped kernel.
 #   dense 5x5 / 3x3 depthwise: channels_last native beats NCHW native at every shape (e.g. 5x5 64ch
 #     28x28: 40/160 vs 23/10400; 3x3 512ch 28x28: 194/546 vs 534/1203), and a hand-written backward
 #     did not beat channels_last's (3x3 512ch 28x28: 197/660).
-# Forward only (inference), the polyphase route wins everywhere: 160ch 14x14 5.0 vs 27.3 ms NCHW,
-# 256ch 7x7 2.7 vs 16.5 ms.
-# So: polyphase for dilated convs on maps of at least _POLYPHASE_MIN_AREA pixels or without
-# gradients, otherwise the dilated conv in NCHW with dead taps cut; dense depthwise convs always in
-# channels_last.
-_POLYPHASE_MIN_AREA = 20 * 20
+# So: dilated convs always take the polyphase route; their weight gradient comes from the batched
+# matmul when a phase has at most _BMM_MAX_AREA pixels, from oneDNN otherwise; dense depthwise convs
+# run in channels_last.
+_BMM_MAX_AREA = 10 * 10
 
 
 class _DilatedDepthwiseConv(torch.autograd.Function):
-    """Stride-1 'same' depthwise conv with dilation > 1: polyphase or dead-tap-cropped, own backward."""
+    """Stride-1 'same' depthwise conv with dilation > 1 by polyphase split, dead taps cut, own backward."""
 
     # The fast route runs on CPU only. Under autocast the forward's convs run in bfloat16 while the
     # saved weight stays float32: custom_bwd replays the forward's autocast state in backward so the
     # backward convs see matching dtypes (autograd casts the returned gradients to the inputs' dtypes).
     @staticmethod
     @torch.amp.custom_fwd(device_type='cpu')
-    def forward(ctx, x, weight, bias, dilation, polyphase):
+    def forward(ctx, x, weight, bias, dilation):
         n, c, h, w = x.shape
         kh, kw = weight.shape[-2:]
         rh = _live_radius(kh // 2, h, dilation)
         rw = _live_radius(kw // 2, w, dilation)
         live = weight[:, :, kh // 2 - rh:kh // 2 + rh + 1, kw // 2 - rw:kw // 2 + rw + 1]
-        if polyphase:
-            # Dense convs are fastest in channels_last; the phases are folded into the batch.
-            xs = polyphase_split(x.contiguous(memory_format=torch.channels_last), dilation)
-            d, pad = 1, (rh, rw)
-            y = polyphase_merge(F.conv2d(xs, live, bias, 1, pad, 1, c), (h, w), dilation)
-        else:
-            # Small maps: oneDNN's NCHW dilated kernel wins; channels_last is twice as slow here.
-            xs = x.contiguous()
-            d, pad = dilation, (dilation * rh, dilation * rw)
-            y = F.conv2d(xs, live, bias, 1, pad, d, c)
+        # Dense convs are fastest in channels_last; the phases are folded into the batch.
+        xs = polyphase_split(x.contiguous(memory_format=torch.channels_last), dilation)
+        y = polyphase_merge(F.conv2d(xs, live, bias, 1, (rh, rw), 1, c), (h, w), dilation)
         ctx.save_for_backward(xs, live)
-        ctx.meta = (polyphase, dilation, d, pad, (rh, rw), (kh, kw), (h, w), _memory_format(x))
+        ctx.meta = (dilation, (rh, rw), (kh, kw), (h, w), _memory_format(x))
         return y.contiguous(memory_format=ctx.meta[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type='cpu')
     def backward(ctx, grad):
         xs, live = ctx.saved_tensors
-        polyphase, dilation, d, pad, (rh, rw), (kh, kw), size, memory_format = ctx.meta
+        dilation, (rh, rw), (kh, kw), size, memory_format = ctx.meta
         c = xs.shape[1]
-        if polyphase:
-            grad = grad.contiguous(memory_format=torch.channels_last)
-            gs = polyphase_split(grad, dilation)
-        else:
-            grad = grad.contiguous()
-            gs = grad
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        gs = polyphase_split(grad, dilation)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # d(conv)/dx is the conv of the output gradient with the flipped kernel: a forward conv,
             # which oneDNN runs much faster than its own backward-data kernel for these shapes.
-            gx = F.conv2d(gs, live.flip(-1, -2), None, 1, pad, d, c)
-            if polyphase:
-                gx = polyphase_merge(gx, size, dilation)
-            grad_x = gx.contiguous(memory_format=memory_format)
+            gx = F.conv2d(gs, live.flip(-1, -2), None, 1, (rh, rw), 1, c)
+            grad_x = polyphase_merge(gx, size, dilation).contiguous(memory_format=memory_format)
         if ctx.needs_input_grad[1]:
-            gw_live = _weight_grad(xs, gs, live.shape, pad, d)
+            if gs.shape[2] * gs.shape[3] <= _BMM_MAX_AREA:
+                gw_live = _weight_grad_bmm(xs, gs, 2 * rh + 1, 2 * rw + 1)
+            else:
+                gw_live = _weight_grad(xs, gs, live.shape, (rh, rw), 1)
             if (rh, rw) == (kh // 2, kw // 2):
                 grad_w = gw_live
             else:  # cut taps only ever multiplied zero padding: their gradient is exactly zero
@@ -165,7 +191,7 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
                 grad_w[:, :, kh // 2 - rh:kh // 2 + rh + 1, kw // 2 - rw:kw // 2 + rw + 1] = gw_live
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, dilation: int) -> torch.Tensor:
@@ -174,11 +200,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, dilation: int)
     The result has x's memory format; only the route differs (see the decision table above).
     """
     if dilation > 1:
-        # Without gradients only the forward counts, and the polyphase forward wins at every size.
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias))
-        polyphase = x.shape[2] * x.shape[3] >= _POLYPHASE_MIN_AREA or not needs_grad
-        return _DilatedDepthwiseConv.apply(x, weight, bias, dilation, polyphase)
+        return _DilatedDepthwiseConv.apply(x, weight, bias, dilation)
     # Dense depthwise convs: oneDNN's channels_last kernels (forward and backward) are the fastest
     # measured; an NCHW input is converted there and back (autograd turns the copies around).
     memory_format = _memory_format(x)

@@ -10,6 +10,9 @@ interleaved rounds (plain, fast, plain, fast, ...), so a busy machine slows them
 ratio stays meaningful. Rows: `plain` is nn.Conv2d in NCHW, exactly what the reference computes;
 `fast` is the default fast path (`lka_impl='fast'`); `+compile` rows wrap them in torch.compile.
 float16/bfloat16 run under autocast (one code path: autocast is disabled for float32).
+On CPU the host allocator keeps freed memory, as main.py does (utils/device.py
+`keep_freed_host_memory`), for every row alike; `--default-malloc` measures glibc's default
+behaviour instead, as a plain script gets it.
 """
 import argparse
 import json
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402,F401  (registers the VAN variants with timm)
 import timm  # noqa: E402
+from utils.device import keep_freed_host_memory  # noqa: E402
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -46,6 +50,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument('--mode', default='both', choices=['train', 'infer', 'both'])
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per row before timing')
     parser.add_argument('--repeats', type=int, default=5, help='timed steps per row (median reported)')
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="CPU: keep glibc's default of returning freed memory to the kernel (main.py keeps it)")
     parser.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth of the trained model')
     parser.add_argument('--data-path', default=None,
                         help='measure the training data pipeline alone on this ImageFolder (DIR or DIR/train)')
@@ -193,6 +199,9 @@ def main(argv=None):
         setting = (f'{args.model}, batch {args.batch_size}, {args.img_size}px, {args.dtype}, '
                    f'{"channels_last" if args.channels_last else "NCHW"} input, {device} ({name}), '
                    f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+        if device.type == 'cpu':
+            kept = not args.default_malloc and keep_freed_host_memory()
+            setting += ', host memory: ' + ('freed memory kept' if kept else 'glibc default')
         results = benchmark_models(args, device)
     print(setting)
     print(f'{"mode":<6} {"impl":<16} {"images/s":>9} {"min":>8} {"max":>8} {"step ms":>9} {"speedup":>8}')

@@ -1,11 +1,15 @@
 """Device and distributed setup, resolved once at start.
 
 Everything after `init_distributed_device` only sees a `torch.device` and a `DistEnv`; the NPU
-gate (importing torch_npu) lives here and nowhere else.
+gate (importing torch_npu) lives here and nowhere else, and so does the host memory allocator
+setting of CPU training (`keep_freed_host_memory`).
 """
+import ctypes
+import ctypes.util
 import datetime
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +68,39 @@ def resolve_device_type(requested: str = 'auto') -> str:
     return requested
 
 
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_host_memory_kept = False
+
+
+def keep_freed_host_memory() -> bool:
+    """Make glibc keep freed memory in the process instead of returning it to the kernel.
+
+    CPU training allocates and frees gigabytes per step in tensors of tens of megabytes. glibc
+    serves each of those with a fresh mmap and unmaps it on free, so every step faults all of its
+    memory in again, page by page: on the 2-core development VM that is 1.2-2.4 million page faults
+    and 3-6 s of kernel time per van_b0 step at batch 32 (measured: training step 3.0 -> 5.2
+    images/s for the plain model, 5.5 -> 8.4 for the fast one). Serving them from the heap and not
+    trimming it keeps the memory mapped between steps; the process then holds its peak footprint.
+    Returns whether the setting took effect (False off glibc, e.g. macOS or musl); idempotent.
+    """
+    global _host_memory_kept
+    if _host_memory_kept:
+        return True
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    # mallopt returns 1 on success. No mmap for large blocks: they come from the heap and are reused.
+    # A trim threshold above any step's footprint keeps the heap top mapped between steps.
+    _host_memory_kept = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+    return _host_memory_kept
+
+
 def _rank_env(local_rank_arg: int):
     """(rank, world_size, local_rank) from torchrun's env, or torch.distributed.launch's --local_rank."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
@@ -81,12 +118,14 @@ def init_distributed_device(device: str = 'auto', local_rank: int = -1, timeout_
     The backend follows the device (hccl, nccl, gloo). Multi-node runs need nothing extra: torchrun's
     --nnodes/--node_rank/--master_addr arrive as RANK/WORLD_SIZE/MASTER_ADDR in the environment.
     `timeout_s` bounds every collective: when another process dies or hangs, this one gets an error
-    after at most that long instead of waiting forever (see is_peer_failure).
+    after at most that long instead of waiting forever (see is_peer_failure). On CPU the host
+    allocator is told to keep freed memory (`keep_freed_host_memory`).
     """
     device_type = resolve_device_type(device)
     rank, world_size, local_rank = _rank_env(local_rank)
     if device_type == 'cpu':
         torch_device = torch.device('cpu')
+        keep_freed_host_memory()
     else:
         accelerator = getattr(torch, device_type)
         if local_rank >= accelerator.device_count():

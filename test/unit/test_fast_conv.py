@@ -10,7 +10,7 @@ from models.fast_conv import FastConv2d, polyphase_merge, polyphase_split
 SHAPES = [
     (2, 4, 56, 56),   # polyphase route, size a multiple of nothing useful
     (2, 3, 28, 28),   # even, polyphase
-    (2, 5, 14, 14),   # even, small-map route
+    (2, 5, 14, 14),   # even, weight gradient by batched matmul
     (2, 3, 21, 21),   # odd, a multiple of the dilation
     (1, 2, 23, 30),   # non-square, polyphase
     (3, 2, 7, 7),     # dead taps cut (7x7 dilation 3 on 7x7)
