@@ -9,6 +9,7 @@ This file only wires the parts in utils/ together; see `build_parser` for every 
 """
 import argparse
 import datetime
+import functools
 import os
 import sys
 
@@ -19,30 +20,24 @@ import models  # noqa: F401  (registers the VAN variants with timm)
 from models.weights import load_pretrained
 import timm
 from timm.data import resolve_data_config
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import ModelEmaV3
 
 from utils.data_layout import DatasetLayoutError, check_dataset_layout
 from utils.images import BadImageError
 from utils.output_dir import CHECKPOINTS_ON_DISK, OutputDirError, check_output_dir, estimate_checkpoint_bytes
-from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequest, recovery_record, resume_step,
-                              stop_requested)
-from utils.rng_state import capture_all_ranks, restore_rng_state
+from utils.preemption import RECOVERY_FILE, Preempted
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, create_precision, parse_loss_scale
-from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteError, atomic_save, find_resume_checkpoint, remove_partial_files,
-                              read_training_checkpoint)
+from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteError, ResumePoint, find_resume_checkpoint,
+                              read_training_checkpoint, remove_partial_files, restore_training, training_state)
 from utils.curves import plot_run_curves
 from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
                         build_train_criterion, find_class_map, find_split_dirs)
 from utils.device import DEVICE_CHOICES, DeviceError, cleanup_distributed, init_distributed_device, is_peer_failure
-from utils.engine import NonFiniteGuard, NonFiniteLossError, evaluate, set_seed, train_one_epoch
-from utils.logger import setup_logger, update_summary
+from utils.engine import NonFiniteLossError, evaluate, fit, set_seed
+from utils.logger import setup_logger
 from utils.optim import create_optimizer, create_scheduler
 from utils.progress import progress_enabled
 from utils.tensorboard import create_writer
-
-# In a distributed run, how often (steps) the ranks agree on whether one of them received a stop
-# signal: each check makes all ranks wait for one another, so it is not done every step.
-STOP_CHECK_STEPS = 10
 
 # Errors a user can cause: reported as one message, exit status 2, no traceback.
 USER_ERRORS = (DatasetError, DatasetLayoutError, BadImageError, CheckpointError, CheckpointWriteError, OutputDirError, DeviceError, AmpError,
@@ -268,40 +263,34 @@ def create_model(args, num_classes: int):
         raise
 
 
-def restore(checkpoint: dict, path: str, model, optimizer, precision, model_ema, class_to_idx: dict,
-            weights_only: bool = False) -> None:
-    """Load a training checkpoint into the run; a checkpoint of another model or dataset is refused."""
-    saved_classes = checkpoint.get('class_to_idx')
-    if saved_classes is not None and saved_classes != class_to_idx:
-        raise CheckpointError(f'{path!r} was trained on classes {sorted(saved_classes)[:10]} '
-                              f'but the dataset has {sorted(class_to_idx)[:10]}: use the matching --data_path')
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
-                  for k, v in checkpoint['state_dict'].items()}
-    try:
-        model.load_state_dict(state_dict)
-        if model_ema is not None and checkpoint.get('state_dict_ema') is not None:
-            model_ema.module.load_state_dict(checkpoint['state_dict_ema'])
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f'{path!r} (arch {checkpoint.get("arch")!r}) does not fit --model '
-                              f'{getattr(model, "pretrained_cfg", {}).get("architecture", "?")}: {first_line}') from None
-    if weights_only:
-        return
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    precision.load_state_dict(checkpoint.get(precision.checkpoint_key) if precision.checkpoint_key else None)
-
-
 SCHEDULE_OPTIONS = ('sched', 'lr', 'warmup_lr', 'min_lr', 'epochs', 'warmup_epochs', 'cooldown_epochs',
                     'decay_epochs', 'decay_rate', 'sched_on_updates')
 
 
 def schedule_options(args: dict) -> dict:
+    """The options that shape the learning-rate schedule: a resumed run takes the checkpoint's scheduler
+    state only when they are unchanged."""
     return {k: args.get(k) for k in SCHEDULE_OPTIONS}
 
 
 def plain_args(args) -> dict:
     """args as a dict of plain values (loadable with weights_only=True, writable as YAML)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+
+
+def find_checkpoint(args, run_dir: str, logger):
+    """(path, checkpoint) named by --resume, or (None, None) when there is none to resume."""
+    if args.resume == 'auto':
+        search_dir = os.path.join(args.output, args.experiment) if args.eval else run_dir
+        found = find_resume_checkpoint(search_dir)
+        if found is None and args.eval:
+            raise CheckpointError(f'no checkpoint to evaluate in {search_dir!r}')
+        if found is None:
+            logger.info(f'--resume auto: no checkpoint in {run_dir}, starting from scratch')
+        return found or (None, None)
+    if args.resume:
+        return args.resume, read_training_checkpoint(args.resume)
+    return None, None
 
 
 def run(args) -> None:
@@ -364,143 +353,42 @@ def run(args) -> None:
         optimizer, args.epochs, args.cooldown_epochs, args.warmup_epochs, args.warmup_lr, args.min_lr,
         args.sched, args.decay_epochs, args.decay_rate, args.sched_on_updates, steps_per_epoch)
 
-    start_epoch, saver_state = 0, {}
-    checkpoint_path, checkpoint = None, None
-    if args.resume == 'auto':
-        search_dir = os.path.join(args.output, args.experiment) if args.eval else run_dir
-        found = find_resume_checkpoint(search_dir)
-        if found is None and args.eval:
-            raise CheckpointError(f'no checkpoint to evaluate in {search_dir!r}')
-        checkpoint_path, checkpoint = found or (None, None)
-        if checkpoint is None:
-            logger.info(f'--resume auto: no checkpoint in {run_dir}, starting from scratch')
-    elif args.resume:
-        checkpoint_path, checkpoint = args.resume, read_training_checkpoint(args.resume)
+    checkpoint_path, checkpoint = find_checkpoint(args, run_dir, logger)
+    resume = ResumePoint()
     if checkpoint is not None:
-        restore(checkpoint, checkpoint_path, model, optimizer, precision, model_ema, class_to_idx,
-                weights_only=args.eval)
-        start_epoch = checkpoint['epoch'] + 1
-        if checkpoint.get('scheduler') and not args.eval:
-            if schedule_options(checkpoint.get('args') or {}) == schedule_options(vars(args)):
-                scheduler.load_state_dict(checkpoint['scheduler'])
-            else:
-                logger.info('schedule options differ from the checkpoint\'s: following the new ones')
-        same_dir = run_dir and os.path.abspath(os.path.dirname(checkpoint_path)) == os.path.abspath(run_dir)
-        # The checkpoint-<epoch> files listed in the history exist only in the checkpoint's own run dir.
-        saver_state = dict(history=checkpoint.get('checkpoint_history') if same_dir else None,
-                           best=(checkpoint['best_metric'], checkpoint['best_epoch'])
-                           if checkpoint.get('best_metric') is not None else None)
-        logger.info(f'resumed from {checkpoint_path} (epoch {checkpoint["epoch"]} done)')
-    # A recovery checkpoint (SIGTERM, --recovery-interval) continues inside its epoch.
-    recovery = checkpoint.get('recovery') if checkpoint is not None and not args.eval else None
-    start_step = resume_step(recovery, args.batch_size, dist_env.world_size) if recovery else 0
-    if recovery:
-        logger.info(f'continuing epoch {recovery["epoch"]} after {recovery["samples_seen"]} samples (step {start_step})')
+        same_schedule = schedule_options(checkpoint.get('args') or {}) == schedule_options(vars(args))
+        resume = restore_training(checkpoint, checkpoint_path, model, optimizer, scheduler, precision, model_ema,
+                                  class_to_idx, run_dir, logger, keep_schedule=same_schedule, weights_only=args.eval)
 
     eval_model = torch.compile(model) if args.compile else model
     train_model = eval_model
     if dist_env.distributed:
         device_ids = None if device.type == 'cpu' else [device.index]
         train_model = torch.nn.parallel.DistributedDataParallel(eval_model, device_ids=device_ids)
-
     # A progress bar only where someone watches (rank 0, stderr a terminal); logs stay unchanged.
     show_progress = progress_enabled(dist_env.is_main)
-    eval_kwargs = dict(device=device, dist_env=dist_env, logger=logger, autocast=precision.autocast,
-                       log_interval=args.log_interval, channels_last=args.channels_last, show_progress=show_progress)
     if args.eval:
         # Evaluate the bare model: DDP's forward would sync buffers, and ranks hold unequal shards.
-        evaluate(eval_model, val_loader, **eval_kwargs)
+        evaluate(eval_model, val_loader, device, dist_env, logger, autocast=precision.autocast,
+                 log_interval=args.log_interval, channels_last=args.channels_last, show_progress=show_progress)
         return
 
     mixup_fn = build_mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
                            args.mixup_mode, args.smoothing, num_classes)
     criterion = build_train_criterion(mixup_fn, args.smoothing)
-    if start_epoch > 0:
-        if args.sched_on_updates:
-            scheduler.step_update(start_epoch * steps_per_epoch + start_step)
-        else:
-            scheduler.step(start_epoch)
-    saver = CheckpointSaver(run_dir, args.checkpoint_hist, **saver_state) if dist_env.is_main else None
-    best = saver_state.get('best')
-
-    def training_state() -> dict:
-        state = dict(arch=args.model, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), version=2, args=plain_args(args),
-                     class_to_idx=class_to_idx)
-        if precision.checkpoint_key:
-            state[precision.checkpoint_key] = precision.state_dict()
-        if model_ema is not None:
-            state['state_dict_ema'] = model_ema.module.state_dict()
-        return state
-
-    # The float16 GradScaler (and apex's loss scaling) skips steps whose gradients are not finite;
-    # without one a non-finite loss has already spoilt the weights.
-    nonfinite_guard = NonFiniteGuard(precision.checkpoint_key is not None, args.max_nonfinite_steps)
-    recovery_path = os.path.join(run_dir, RECOVERY_FILE)
-
-    def save_recovery(epoch: int, steps_done: int) -> None:
-        nonfinite_guard.check()  # never save weights that a non-finite step touched
-        rng = capture_all_ranks(device)  # collective: every rank calls save_recovery
-        if dist_env.is_main:
-            atomic_save(dict(training_state(), epoch=epoch - 1, checkpoint_history=[list(h) for h in saver.history],
-                             best_metric=saver.best[0] if saver.best else None,
-                             best_epoch=saver.best[1] if saver.best else None,
-                             recovery=recovery_record(epoch, steps_done, args.batch_size, dist_env.world_size,
-                                                      epoch * steps_per_epoch + steps_done, rng)), recovery_path)
-            logger.info(f'recovery checkpoint: epoch {epoch} step {steps_done} -> {recovery_path}')
-
+    saver = CheckpointSaver(run_dir, args.checkpoint_hist, resume.history, resume.best) if dist_env.is_main else None
+    state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, args.model,
+                              plain_args(args), class_to_idx)
     tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, 'tensorboard'), dist_env.is_main, logger)
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, total_epochs):
-            # Seed per epoch so that drop path and mixup draw the same numbers whether or not the run
-            # was resumed; per-image augmentation is seeded in the dataset.
-            set_seed(args.seed, epoch, dist_env.rank)
-            resuming = recovery is not None and epoch == recovery['epoch']
-            train_loader.sampler.set_epoch(epoch, recovery['samples_seen'] if resuming else 0)
-            if resuming and len(recovery['rng']) == dist_env.world_size:
-                restore_rng_state(recovery['rng'][dist_env.rank], device)  # continue mid-epoch random streams
-            if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-                mixup_fn.mixup_enabled = False
-            points = RecoveryPoints(stop, lambda steps_done: save_recovery(epoch, steps_done), device,
-                                    args.recovery_interval, sync_every=STOP_CHECK_STEPS if dist_env.distributed else 1)
-            first_step = start_step if resuming else 0
-            train_stats = train_one_epoch(
-                train_model, train_loader, criterion, optimizer, precision, device, epoch, dist_env, logger,
-                mixup_fn=mixup_fn, lr_scheduler=scheduler, num_updates=epoch * steps_per_epoch + first_step,
-                clip_grad=args.clip_grad, clip_mode=args.clip_mode, model_ema=model_ema,
-                log_interval=args.log_interval, max_steps=args.max_steps_per_epoch, channels_last=args.channels_last,
-                nonfinite_guard=nonfinite_guard, start_step=first_step, on_step_end=points,
-                show_progress=show_progress)
-            if train_stats['stopped']:
-                raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} in epoch {epoch} after '
-                                f'step {points.stopped_after}; {recovery_path} holds that point: run the same command '
-                                'with --resume auto (and the same --experiment) to continue',
-                                stop.signal_name or 'SIGTERM')
-            nonfinite_guard.check()
-            if dist_env.distributed and args.dist_bn and not args.sync_bn:
-                distribute_bn(model, dist_env.world_size, reduce=args.dist_bn == 'reduce')
-            metrics = evaluate(eval_model, val_loader, **eval_kwargs)
-            if model_ema is not None:
-                if dist_env.distributed and args.dist_bn and not args.sync_bn:
-                    distribute_bn(model_ema, dist_env.world_size, reduce=args.dist_bn == 'reduce')
-                evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
-            scheduler.step(epoch + 1, metrics['top1'])
-            if dist_env.is_main:
-                summary_row = dict(
-                    epoch=epoch, train_loss=f"{train_stats['loss']:.6f}", lr=f"{train_stats['lr']:.6e}",
-                    eval_loss=f"{metrics['loss']:.6f}", eval_top1=f"{metrics['top1']:.4f}",
-                    eval_top5=f"{metrics['top5']:.4f}")
-                update_summary(os.path.join(run_dir, 'summary.csv'), summary_row)
-                tensorboard.write_epoch(summary_row)
-                best = saver.save(training_state(), epoch, metrics['top1'])
-                if os.path.exists(recovery_path):  # superseded by the epoch's checkpoint
-                    os.remove(recovery_path)
-            elif best is None or metrics['top1'] > best[0]:
-                best = (metrics['top1'], epoch)  # every rank has the same metrics
-            if stop_requested(stop, device):  # the signal came during evaluation or saving
-                raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} after epoch {epoch}, '
-                                'which is saved in last.pth.tar: run the same command with --resume auto to continue',
-                                stop.signal_name or 'SIGTERM')
+    best = fit(model, train_model, eval_model, train_loader, val_loader, criterion, optimizer, scheduler, precision,
+               device, dist_env, logger, run_dir, saver, state, start_epoch=resume.epoch, total_epochs=total_epochs,
+               steps_per_epoch=steps_per_epoch, seed=args.seed, best=resume.best, recovery=resume.recovery,
+               recovery_interval=args.recovery_interval, max_nonfinite_steps=args.max_nonfinite_steps,
+               mixup_fn=mixup_fn, mixup_off_epoch=args.mixup_off_epoch, model_ema=model_ema,
+               clip_grad=args.clip_grad, clip_mode=args.clip_mode, log_interval=args.log_interval,
+               max_steps=args.max_steps_per_epoch, channels_last=args.channels_last,
+               dist_bn=args.dist_bn if dist_env.distributed and not args.sync_bn else '', tensorboard=tensorboard,
+               show_progress=show_progress)
     tensorboard.close()
     if dist_env.is_main:
         plot_run_curves(run_dir, logger)

@@ -10,6 +10,8 @@ import glob
 import os
 import re
 import shutil
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -161,6 +163,71 @@ def find_resume_checkpoint(run_dir: str):
     return best
 
 
+def training_state(model, optimizer, scheduler, precision, model_ema, arch: str, run_args: dict,
+                   class_to_idx: dict) -> dict:
+    """The keys every checkpoint of a training run holds; CheckpointSaver adds epoch, metric and history.
+
+    `run_args` is the command line as a plain dict (weights_only loading accepts nothing else).
+    """
+    state = dict(arch=arch, state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
+                 scheduler=scheduler.state_dict(), version=2, args=run_args, class_to_idx=class_to_idx)
+    if precision.checkpoint_key:
+        state[precision.checkpoint_key] = precision.state_dict()
+    if model_ema is not None:
+        state['state_dict_ema'] = model_ema.module.state_dict()
+    return state
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues: its first epoch, the saver's (metric, epoch) best and history, and for a
+    recovery checkpoint the position inside that epoch (utils.preemption.recovery_record)."""
+    epoch: int = 0
+    best: Optional[tuple] = None
+    history: Optional[list] = None
+    recovery: Optional[dict] = None
+
+
+def restore_training(checkpoint: dict, path: str, model, optimizer, scheduler, precision, model_ema,
+                     class_to_idx: dict, run_dir: Optional[str], logger, keep_schedule: bool = True,
+                     weights_only: bool = False) -> ResumePoint:
+    """Load a training checkpoint into the run; a checkpoint of another model or dataset is refused.
+
+    weights_only: evaluation, which needs neither the optimizer nor the schedule. keep_schedule=False
+    (the schedule options changed) leaves the new scheduler as built.
+    """
+    saved_classes = checkpoint.get('class_to_idx')
+    if saved_classes is not None and saved_classes != class_to_idx:
+        raise CheckpointError(f'{path!r} was trained on classes {sorted(saved_classes)[:10]} '
+                              f'but the dataset has {sorted(class_to_idx)[:10]}: use the matching --data_path')
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
+                  for k, v in checkpoint['state_dict'].items()}
+    try:
+        model.load_state_dict(state_dict)
+        if model_ema is not None and checkpoint.get('state_dict_ema') is not None:
+            model_ema.module.load_state_dict(checkpoint['state_dict_ema'])
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f'{path!r} (arch {checkpoint.get("arch")!r}) does not fit --model '
+                              f'{getattr(model, "pretrained_cfg", {}).get("architecture", "?")}: {first_line}') from None
+    if not weights_only:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        precision.load_state_dict(checkpoint.get(precision.checkpoint_key) if precision.checkpoint_key else None)
+        if checkpoint.get('scheduler'):
+            if keep_schedule:
+                scheduler.load_state_dict(checkpoint['scheduler'])
+            else:
+                logger.info('schedule options differ from the checkpoint\'s: following the new ones')
+    same_dir = run_dir and os.path.abspath(os.path.dirname(path)) == os.path.abspath(run_dir)
+    logger.info(f'resumed from {path} (epoch {checkpoint["epoch"]} done)')
+    return ResumePoint(
+        epoch=checkpoint['epoch'] + 1,
+        best=(checkpoint['best_metric'], checkpoint['best_epoch']) if checkpoint.get('best_metric') is not None else None,
+        # The checkpoint-<epoch> files listed in the history exist only in the checkpoint's own run dir.
+        history=checkpoint.get('checkpoint_history') if same_dir else None,
+        recovery=None if weights_only else checkpoint.get('recovery'))
+
+
 class CheckpointSaver:
     """Writes last/best/history checkpoints of one run, keeping the best `max_history` epochs."""
 
@@ -199,4 +266,18 @@ class CheckpointSaver:
                 os.remove(self._history_path(old_epoch))
         if is_best:
             atomic_copy(last, os.path.join(self.run_dir, 'model_best.pth.tar'))
+        if os.path.exists(self.recovery_path):  # a point inside this epoch, superseded now
+            os.remove(self.recovery_path)
         return self.best
+
+    @property
+    def recovery_path(self) -> str:
+        return os.path.join(self.run_dir, RECOVERY_FILE)
+
+    def save_recovery(self, state: dict, epoch: int, record: dict) -> str:
+        """Write the recovery checkpoint of a point inside `epoch` (record: utils.preemption.recovery_record);
+        it carries the best and the history so that a run resumed from it keeps them. Returns its path."""
+        atomic_save(dict(state, epoch=epoch - 1, checkpoint_history=[list(h) for h in self.history],
+                         best_metric=self.best[0] if self.best else None,
+                         best_epoch=self.best[1] if self.best else None, recovery=record), self.recovery_path)
+        return self.recovery_path

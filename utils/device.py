@@ -112,6 +112,25 @@ def _rank_env(local_rank_arg: int):
     return rank, world_size, local_rank
 
 
+def _restart_store(world_size: int, timeout: datetime.timedelta):
+    """A store private to this attempt of a torchrun worker group on one node, else None (env://).
+
+    torchrun (torch >= 2.5) keeps one TCPStore for the whole job and hands it to every attempt
+    after a --max-restarts restart. Joining it through env:// reuses the keys the previous attempt
+    wrote, so the restarted ranks read the dead processes' addresses and never connect (gloo:
+    "connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712). Prefixing the keys
+    with TORCHELASTIC_RESTART_COUNT isolates the attempts; that count is only the same on every
+    rank when one agent (one node) restarts them all, so on several nodes torch's default is kept
+    and restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README).
+    """
+    elastic = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True' and 'TORCHELASTIC_RESTART_COUNT' in os.environ
+    if not elastic or os.environ.get('GROUP_WORLD_SIZE') != '1':
+        return None
+    shared = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size, False,
+                           timeout=timeout)
+    return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", shared)
+
+
 def init_distributed_device(device: str = 'auto', local_rank: int = -1, timeout_s: float = 600) -> DistEnv:
     """Pick the device and, when launched with several processes, join the process group.
 
@@ -135,8 +154,10 @@ def init_distributed_device(device: str = 'auto', local_rank: int = -1, timeout_
         accelerator.set_device(local_rank)
         torch_device = torch.device(device_type, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=BACKEND_BY_DEVICE[device_type], init_method='env://',
-                                rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_store(world_size, timeout)
+        dist.init_process_group(backend=BACKEND_BY_DEVICE[device_type], init_method=None if store else 'env://',
+                                store=store, rank=rank, world_size=world_size, timeout=timeout)
     return DistEnv(device=torch_device, rank=rank, world_size=world_size, local_rank=local_rank)
 
 

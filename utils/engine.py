@@ -1,10 +1,12 @@
-"""The training and evaluation loops.
+"""The training and evaluation loops, and `fit`, the loop over epochs that ties them to saving.
 
-Both take explicit arguments (no argparse namespace) so tests and tools can call them. Values are
+They take explicit arguments (no argparse namespace) so tests and tools can call them. Values are
 kept on the device and read back (.item(), which waits for the device) only at log points, and
 collectives run only at log points and at the end, the same number of times on every rank.
 """
 import contextlib
+import functools
+import os
 import random
 import time
 from typing import Callable, Optional
@@ -12,11 +14,19 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import distribute_bn
 
 from utils.device import DistEnv, all_reduce_sum, synchronize
-from utils.logger import AverageMeter
+from utils.logger import AverageMeter, update_summary
 from utils.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: for main.py)
+from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequest, resume_step,
+                              save_recovery_point, stop_requested)
 from utils.progress import progress
+from utils.rng_state import restore_rng_state
+
+# In a distributed run, how often (steps) the ranks agree on whether one of them received a stop
+# signal: each check makes all ranks wait for one another, so it is not done every step.
+STOP_CHECK_STEPS = 10
 
 FPS_WARMUP_STEPS = 5  # the first steps of an epoch (worker start, allocator warm-up) are not timed
 
@@ -165,3 +175,93 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: Dis
     logger.info(f"{log_prefix}* Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} "
                 f"Loss {metrics['loss']:.3f} (images {images})" + (f" skipped {skipped}" if skipped else ''))
     return metrics
+
+
+def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.nn.Module, train_loader, val_loader,
+        criterion: Callable, optimizer: torch.optim.Optimizer, scheduler, precision, device: torch.device,
+        dist_env: DistEnv, logger, run_dir: str, saver, training_state: Callable[[], dict], *, start_epoch: int,
+        total_epochs: int, steps_per_epoch: int, seed: int, best: Optional[tuple] = None,
+        recovery: Optional[dict] = None, recovery_interval: int = 0, max_nonfinite_steps: int = 20,
+        mixup_fn=None, mixup_off_epoch: int = 0, model_ema=None, clip_grad: Optional[float] = None,
+        clip_mode: str = 'norm', log_interval: int = 50, max_steps: Optional[int] = None,
+        channels_last: bool = False, dist_bn: str = '', tensorboard=None, show_progress: bool = False):
+    """Train epochs start_epoch .. total_epochs - 1, evaluating, logging and saving after each one.
+
+    model is the bare model (its state is saved, its BN statistics distributed); train_model wraps it
+    for training (DDP, torch.compile), eval_model for evaluation. saver (utils.checkpoint.CheckpointSaver)
+    is None except on rank 0; training_state() gives the state it saves. recovery: the position inside
+    start_epoch that a recovery checkpoint recorded. dist_bn: 'reduce' or 'broadcast' the BN statistics
+    after each epoch ('' = leave them). SIGTERM/SIGINT stop the run after saving where it was (Preempted).
+    Returns the best (top-1, epoch), or None.
+    """
+    start_step = resume_step(recovery, train_loader.batch_size, dist_env.world_size) if recovery else 0
+    if recovery:
+        logger.info(f'continuing epoch {recovery["epoch"]} after {recovery["samples_seen"]} samples (step {start_step})')
+    # Continue the schedule where the checkpoint left it. timm schedulers ignore the call whose unit
+    # (epochs or updates) is not theirs, so making both covers --sched-on-updates too.
+    if start_epoch:
+        scheduler.step(start_epoch)
+    if start_epoch or start_step:
+        scheduler.step_update(start_epoch * steps_per_epoch + start_step)
+    # The float16 GradScaler (and apex's loss scaling) skips steps whose gradients are not finite;
+    # without one a non-finite loss has already spoilt the weights.
+    nonfinite_guard = NonFiniteGuard(precision.checkpoint_key is not None, max_nonfinite_steps)
+    recovery_path = os.path.join(run_dir, RECOVERY_FILE)
+    eval_kwargs = dict(device=device, dist_env=dist_env, logger=logger, autocast=precision.autocast,
+                       log_interval=log_interval, channels_last=channels_last, show_progress=show_progress)
+
+    def save_recovery(epoch: int, steps_done: int) -> None:
+        nonfinite_guard.check()  # never save weights that a non-finite step touched
+        save_recovery_point(saver, training_state, epoch, steps_done, train_loader.batch_size, dist_env.world_size,
+                            epoch * steps_per_epoch + steps_done, device, logger)
+
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, total_epochs):
+            # Seed per epoch so that drop path and mixup draw the same numbers whether or not the run
+            # was resumed; per-image augmentation is seeded in the dataset.
+            set_seed(seed, epoch, dist_env.rank)
+            resuming = recovery is not None and epoch == recovery['epoch']
+            train_loader.sampler.set_epoch(epoch, recovery['samples_seen'] if resuming else 0)
+            if resuming and len(recovery['rng']) == dist_env.world_size:
+                restore_rng_state(recovery['rng'][dist_env.rank], device)  # continue mid-epoch random streams
+            if mixup_fn is not None and mixup_off_epoch and epoch >= mixup_off_epoch:
+                mixup_fn.mixup_enabled = False
+            points = RecoveryPoints(stop, functools.partial(save_recovery, epoch), device, recovery_interval,
+                                    sync_every=STOP_CHECK_STEPS if dist_env.distributed else 1)
+            first_step = start_step if resuming else 0
+            train_stats = train_one_epoch(
+                train_model, train_loader, criterion, optimizer, precision, device, epoch, dist_env, logger,
+                mixup_fn=mixup_fn, lr_scheduler=scheduler, num_updates=epoch * steps_per_epoch + first_step,
+                clip_grad=clip_grad, clip_mode=clip_mode, model_ema=model_ema, log_interval=log_interval,
+                max_steps=max_steps, channels_last=channels_last, nonfinite_guard=nonfinite_guard,
+                start_step=first_step, on_step_end=points, show_progress=show_progress)
+            if train_stats['stopped']:
+                raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} in epoch {epoch} after '
+                                f'step {points.stopped_after}; {recovery_path} holds that point: run the same command '
+                                'with --resume auto (and the same --experiment) to continue',
+                                stop.signal_name or 'SIGTERM')
+            nonfinite_guard.check()
+            if dist_bn:
+                distribute_bn(model, dist_env.world_size, reduce=dist_bn == 'reduce')
+            metrics = evaluate(eval_model, val_loader, **eval_kwargs)
+            if model_ema is not None:
+                if dist_bn:
+                    distribute_bn(model_ema, dist_env.world_size, reduce=dist_bn == 'reduce')
+                evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
+            scheduler.step(epoch + 1, metrics['top1'])
+            if dist_env.is_main:
+                summary_row = dict(
+                    epoch=epoch, train_loss=f"{train_stats['loss']:.6f}", lr=f"{train_stats['lr']:.6e}",
+                    eval_loss=f"{metrics['loss']:.6f}", eval_top1=f"{metrics['top1']:.4f}",
+                    eval_top5=f"{metrics['top5']:.4f}")
+                update_summary(os.path.join(run_dir, 'summary.csv'), summary_row)
+                if tensorboard is not None:
+                    tensorboard.write_epoch(summary_row)
+                best = saver.save(training_state(), epoch, metrics['top1'])
+            elif best is None or metrics['top1'] > best[0]:
+                best = (metrics['top1'], epoch)  # every rank has the same metrics
+            if stop_requested(stop, device):  # the signal came during evaluation or saving
+                raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} after epoch {epoch}, '
+                                'which is saved in last.pth.tar: run the same command with --resume auto to continue',
+                                stop.signal_name or 'SIGTERM')
+    return best

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from utils.rng_state import capture_all_ranks
+
 
 class StopRequest:
     """Context manager that turns SIGTERM/SIGINT into a flag the training loop polls between steps."""
@@ -81,6 +83,20 @@ def recovery_record(epoch: int, steps_done: int, batch_size: int, world_size: in
 def resume_step(record: dict, batch_size: int, world_size: int) -> int:
     """The step number (within the epoch) at which a resumed run continues, for logs and schedules."""
     return record["samples_seen"] // (batch_size * world_size)
+
+
+def save_recovery_point(saver, training_state, epoch: int, steps_done: int, batch_size: int, world_size: int,
+                        num_updates: int, device: torch.device, logger) -> None:
+    """Write the recovery checkpoint after step `steps_done` of `epoch`.
+
+    Every rank calls it, because the random states of all ranks are gathered into it; `saver` (a
+    utils.checkpoint.CheckpointSaver) is None except on rank 0, which writes `training_state()`.
+    """
+    rng = capture_all_ranks(device)
+    if saver is not None:
+        record = recovery_record(epoch, steps_done, batch_size, world_size, num_updates, rng)
+        path = saver.save_recovery(training_state(), epoch, record)
+        logger.info(f'recovery checkpoint: epoch {epoch} step {steps_done} -> {path}')
 
 
 class RecoveryPoints:

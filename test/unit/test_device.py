@@ -52,3 +52,34 @@ def test_rank_from_torchrun_env_or_launch_flag(monkeypatch):
 
 def test_backend_follows_the_device():
     assert device_module.BACKEND_BY_DEVICE == {'npu': 'hccl', 'cuda': 'nccl', 'cpu': 'gloo'}
+
+
+def _torchrun_env(monkeypatch, port, restart_count, nodes='1'):
+    monkeypatch.setenv('TORCHELASTIC_USE_AGENT_STORE', 'True')
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', str(restart_count))
+    monkeypatch.setenv('GROUP_WORLD_SIZE', nodes)
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', str(port))
+
+
+def test_each_torchrun_restart_joins_through_its_own_keys(monkeypatch):
+    import datetime
+    timeout = datetime.timedelta(seconds=10)
+    # Stands in for the store torchrun's agent keeps for the whole job.
+    agent_store = torch.distributed.TCPStore('127.0.0.1', 0, 1, True, timeout=timeout)
+    _torchrun_env(monkeypatch, agent_store.port, restart_count=0)
+    first = device_module._restart_store(2, timeout)
+    first.set('rank_0', 'address of a process that is dead now')
+    _torchrun_env(monkeypatch, agent_store.port, restart_count=1)
+    second = device_module._restart_store(2, timeout)
+    assert not second.check(['rank_0'])  # the restarted group cannot read the old group's addresses
+    second.set('rank_0', 'new address')
+    assert first.get('rank_0') == b'address of a process that is dead now'
+
+
+def test_plain_launches_and_several_nodes_keep_the_env_rendezvous(monkeypatch):
+    _torchrun_env(monkeypatch, 1, restart_count=0, nodes='2')  # agents count restarts apart
+    assert device_module._restart_store(2, None) is None
+    monkeypatch.delenv('TORCHELASTIC_USE_AGENT_STORE')  # torch.distributed.launch, or sharing disabled
+    monkeypatch.setenv('GROUP_WORLD_SIZE', '1')
+    assert device_module._restart_store(2, None) is None

@@ -84,3 +84,73 @@ def test_evaluate_matches_a_direct_computation():
 def test_evaluate_with_fewer_than_five_classes_uses_all_of_them():
     metrics = evaluate(torch.nn.Linear(6, 3), batches(2), CPU, DistEnv(CPU), LOGGER)
     assert metrics['top5'] == 100.0
+
+
+class Points(torch.utils.data.Dataset):
+    """24 random 6-d points of 3 classes, as the Samples that build_loaders' collate expects."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(24, 6, generator=generator), torch.randint(0, 3, (24,), generator=generator)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        from utils.images import Sample
+        _, index = index if isinstance(index, tuple) else (None, index)  # training order tags (epoch, index)
+        return Sample(self.x[index], self.y[index])
+
+
+def _fit(run_dir, checkpoint=None, sigterm_at_step=None):
+    """Two epochs of 6 steps with a per-step warmup and cosine schedule, from scratch or from `checkpoint`."""
+    import functools
+    import os
+    import signal
+    from utils.checkpoint import CheckpointSaver, ResumePoint, restore_training, training_state
+    from utils.data import build_loaders
+    from utils.engine import fit
+    from utils.optim import create_scheduler
+
+    run_dir.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    model, optimizer, precision = create_precision(model, optimizer, CPU, enabled=False)
+    train_loader, val_loader = build_loaders(Points(), Points(), 4, 8, 0, 0, 1, seed=0, pin_memory=False)
+    scheduler, epochs = create_scheduler(optimizer, epochs=2, cooldown_epochs=0, warmup_epochs=1, warmup_lr=0.01,
+                                         min_lr=0.01, step_per_update=True, updates_per_epoch=len(train_loader))
+    resume = ResumePoint()
+    if checkpoint is not None:
+        resume = restore_training(checkpoint, 'recovery.pth.tar', model, optimizer, scheduler, precision, None,
+                                  {}, None, LOGGER)
+    steps = []
+
+    def criterion(output, target):
+        steps.append(1)
+        if len(steps) == sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # a preemption arriving during this step
+        return torch.nn.functional.cross_entropy(output, target)
+
+    saver = CheckpointSaver(str(run_dir), 1, resume.history, resume.best)
+    state = functools.partial(training_state, model, optimizer, scheduler, precision, None, 'linear', {}, {})
+    best = fit(model, model, model, train_loader, val_loader, criterion, optimizer, scheduler, precision, CPU,
+               DistEnv(CPU), LOGGER, str(run_dir), saver, state, start_epoch=resume.epoch, total_epochs=epochs,
+               steps_per_epoch=len(train_loader), seed=0, best=resume.best, recovery=resume.recovery)
+    return best, model.state_dict()
+
+
+def test_fit_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    from utils.checkpoint import read_training_checkpoint
+    from utils.preemption import Preempted
+    best, expected = _fit(tmp_path / 'full')
+    assert best[1] in (0, 1) and (tmp_path / 'full' / 'last.pth.tar').exists()
+
+    with pytest.raises(Preempted, match='stopped by SIGTERM in epoch 0 after step 2'):
+        _fit(tmp_path / 'cut', sigterm_at_step=2)
+    checkpoint = read_training_checkpoint(str(tmp_path / 'cut' / 'recovery.pth.tar'))
+    assert checkpoint['recovery']['steps_done'] == 2 and checkpoint['epoch'] == -1
+    # The learning rate changes every step: the resumed steps must continue both the data order and the schedule.
+    _, resumed = _fit(tmp_path / 'cut', checkpoint=checkpoint)
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert not (tmp_path / 'cut' / 'recovery.pth.tar').exists()  # superseded by the epoch checkpoints

@@ -557,6 +557,57 @@ def test_when_one_of_two_processes_dies_the_other_exits_with_a_message(shapes_da
     assert 'Traceback' not in output
 
 
+def _worker_with_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process that has RANK=rank."""
+    children = Path(f'/proc/{launcher_pid}/task/{launcher_pid}/children').read_text().split()
+    for pid in map(int, children):
+        environ = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
+        if f'RANK={rank}'.encode() in environ:
+            return pid
+    raise AssertionError(f'torchrun {launcher_pid} has no worker of rank {rank} among {children}')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path('/proc/self/task').exists(), reason='finds torchrun\'s workers through /proc (Linux)')
+def test_torchrun_restart_after_a_killed_worker_resumes_from_the_last_recovery_point(shapes_dataset, tmp_path,
+                                                                                    subprocess_env):
+    from utils.checkpoint import read_training_checkpoint
+    # 48 images, 2 processes of batch 4: 6 steps in the epoch, a recovery checkpoint every 2.
+    args = _main_args(shapes_dataset, tmp_path, 'run', '--epochs', '1', '-b', '4', '--mixup', '0', '--cutmix', '0',
+                      '--device', 'cpu', '--recovery-interval', '2', '--resume', 'auto', '--dist-timeout', '30')
+    env = dict(subprocess_env)
+    env.pop('TORCH_DISABLE_SHARE_RDZV_TCP_STORE', None)  # torchrun's default: one store for every attempt
+    launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                                 '--max-restarts', '1', str(REPO / 'main.py'), *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in launcher.stdout:
+            lines.append(line)
+            if line.startswith('recovery checkpoint: epoch 0 step 2 '):
+                os.kill(_worker_with_rank(launcher.pid, 1), signal.SIGKILL)  # 4 steps before the epoch ends
+                break
+        lines += launcher.stdout.readlines()
+        status = launcher.wait(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    output = ''.join(lines)
+    assert status == 0, output
+    first, restarted = output.split('device cpu, world size 2', 2)[1:]  # rank 0's first line of each attempt
+    saved = re.findall(r'recovery checkpoint: epoch 0 step (\d+) ', first)
+    assert saved and int(saved[-1]) < 6, first  # killed mid-epoch, after a recovery point
+    last_point = int(saved[-1])
+    run_dir = tmp_path / 'run'
+    assert f'resumed from {run_dir / "recovery.pth.tar"}' in restarted
+    assert f'(step {last_point})' in restarted  # only the steps after the last recovery point are lost
+    assert f'Train: 0 [   {last_point + 1}/   6' in restarted  # and none is repeated
+    assert '*** Best metric' in restarted
+    assert read_training_checkpoint(str(run_dir / 'last.pth.tar'))['epoch'] == 0
+    assert not (run_dir / 'recovery.pth.tar').exists()
+
+
 def _copy_dataset(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
