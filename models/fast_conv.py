@@ -125,7 +125,8 @@ def _weight_grad_bmm(xs: torch.Tensor, gs: torch.Tensor, kh: int, kw: int) -> to
 
 
 # Decision table, measured on the 2-core AMD EPYC (AVX2), torch 2.14.1, van_b0 shapes at batch 32,
-# glibc malloc tuned (see utils/host.py) so page faults do not blur the kernels' cost; ms, median of 5:
+# freed host memory kept (utils/device.py keep_freed_host_memory) so that page faults do not blur
+# the kernels' cost; ms, median of 5:
 #   7x7 dilation-3 depthwise          forward+backward    weight gradient alone
 #                                     NCHW native, ours   NCHW native  polyphase oneDNN  polyphase bmm
 #     32ch 56x56  (phases 19x19)          -                  136           28.5            60.9
