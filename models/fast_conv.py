@@ -5,26 +5,33 @@ computes what nn.Conv2d computes; it only changes *how* on devices where PyTorch
 are slow. Where a shape is not a stride-1 'same' depthwise conv, or the device is not a CPU, it
 runs nn.Conv2d's own forward (cuDNN on CUDA is already fast; we never replace it unmeasured).
 
-On CPU, three things make the depthwise convs of VAN slow in stock PyTorch (oneDNN):
-- a dilated depthwise conv has no fast kernel, and in channels_last it is slower still;
-- the NCHW backward of dense depthwise convs is many times slower than the channels_last one;
-- kernel taps whose offset exceeds the map (the 7x7 dilation-3 kernel on a 7x7 map) are
-  computed over zero padding for nothing.
-
-The remedies, all exact (the same products, summed in a different order):
-- polyphase split: a conv with dilation d and 'same' padding d*r only ever combines pixels of the
-  same residue (row mod d, col mod d). Splitting the input into its d*d phases, folding them into
-  the batch and running a *dense* conv with padding r gives every output phase; interleaving the
-  phases back gives the output. Dense depthwise convs have fast kernels.
-- dead-tap cropping: taps whose offset is at least the map size only ever see padding; they are
-  cut from the kernel (their weight gradient is exactly zero, as in nn.Conv2d).
-- a hand-written backward for the dilated conv: the input gradient is a forward depthwise conv of
-  the output gradient with the flipped kernel (polyphase-split too); the weight gradient comes
-  from oneDNN on large phases and from one batched matmul on small ones.
-- channels_last for dense depthwise convs, whose NCHW backward is many times slower.
+On CPU there are two routes, chosen per call:
+1. The native C kernels (models/native_kernels.py, models/csrc/depthwise.c) for float32 maps with
+   a multiple of 8 channels, which is every VAN layer: forward, input gradient (the forward kernel
+   with the flipped weights) and weight/bias gradients, with the MLP's GELU fused into its conv
+   (`FastConv2d.forward_gelu`). They are opaque to tracing, torch.compile and dispatch modes (FLOP
+   counters), which therefore get route 2.
+2. PyTorch's own kernels, arranged to avoid their slow cases: bfloat16/autocast, other channel
+   counts, and machines without a C compiler. Three things make VAN's depthwise convs slow in
+   stock PyTorch (oneDNN):
+   - a dilated depthwise conv has no fast kernel, and in channels_last it is slower still;
+   - the NCHW backward of dense depthwise convs is many times slower than the channels_last one;
+   - kernel taps whose offset exceeds the map (the 7x7 dilation-3 kernel on a 7x7 map) are
+     computed over zero padding for nothing.
+   The remedies, all exact (the same products, summed in a different order):
+   - polyphase split: a conv with dilation d and 'same' padding d*r only ever combines pixels of
+     the same residue (row mod d, col mod d). Splitting the input into its d*d phases, folding them
+     into the batch and running a *dense* conv with padding r gives every output phase;
+     interleaving the phases back gives the output. Dense depthwise convs have fast kernels.
+   - dead-tap cropping: taps whose offset is at least the map size only ever see padding; they
+     are cut from the kernel (their weight gradient is exactly zero, as in nn.Conv2d).
+   - a hand-written backward for the dilated conv: the input gradient is a forward depthwise conv
+     of the output gradient with the flipped kernel (polyphase-split too); the weight gradient
+     comes from oneDNN on large phases and from one batched matmul on small ones.
+   - channels_last for dense depthwise convs, whose NCHW backward is many times slower.
 
 The choices were measured on the 2-core AMD EPYC (AVX2) CPU this repository is developed on; the
-decision table is next to `_BMM_MAX_AREA`.
+decision tables are next to `_BMM_MAX_AREA` (route 2) and `_native_ok` (route 1).
 """
 import functools
 from typing import Tuple
@@ -32,6 +39,9 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from . import native_kernels
 
 __all__ = ['FastConv2d', 'depthwise_conv2d', 'polyphase_split', 'polyphase_merge']
 
@@ -195,11 +205,77 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+class _NativeDepthwiseConv(torch.autograd.Function):
+    """Stride-1 'same' depthwise conv (any dilation) by the C kernels of models/native_kernels.py,
+    optionally followed by GELU in the same pass (the MLP's dwconv + act).
+
+    Taps that reach outside the map are skipped inside the kernels, so there is nothing to crop;
+    the input gradient is the forward kernel run on the output gradient with the flipped weights.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation, with_gelu):
+        c, _, k, _ = weight.shape
+        memory_format = _memory_format(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = native_kernels.conv_forward(x, weight.reshape(c, k * k).t(), bias, dilation, with_gelu)
+        if with_gelu:
+            pre, y = y
+            ctx.save_for_backward(x, weight, pre)
+        else:
+            ctx.save_for_backward(x, weight)
+        ctx.meta = (dilation, memory_format, bias is not None, with_gelu)
+        return y.contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, *pre = ctx.saved_tensors
+        dilation, memory_format, has_bias, with_gelu = ctx.meta
+        c, _, k, _ = weight.shape
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        if with_gelu:
+            grad = native_kernels.gelu_backward(pre[0], grad)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(-1, -2).reshape(c, k * k).t()
+            grad_x = native_kernels.conv_forward(grad, flipped, None, dilation).contiguous(
+                memory_format=memory_format)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            taps, grad_b = native_kernels.conv_weight_grad(x, grad, k, dilation, has_bias and ctx.needs_input_grad[2])
+            grad_w = taps.t().reshape(c, 1, k, k) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+# Route 1 against route 2: FastConv2d at van_b0 shapes, batch 32, float32, channels_last, ms per call
+# (forward | backward: input, weight and bias gradients), medians of 6 interleaved rounds in one
+# process, 2-core AMD EPYC (AVX2), torch 2.14.1:
+#                            native         PyTorch route
+#   5x5      32ch 56x56     3.1 |  7.3      3.8 | 33.5   (oneDNN channels_last)
+#   7x7 d3   32ch 56x56     6.0 | 14.3     17.7 | 47.6   (polyphase)
+#   3x3     256ch 56x56    19.3 | 42.6     30.4 | 55.1   (oneDNN channels_last)
+#   7x7 d3   64ch 28x28     3.1 |  7.3      8.8 | 33.9
+#   3x3     512ch 28x28    12.9 | 30.7     13.9 | 40.4
+#   7x7 d3  160ch 14x14     1.7 |  3.6      4.5 | 15.6
+#   7x7 d3  256ch 7x7       0.7 |  1.3      2.9 | 13.8
+# The native kernels win at every VAN shape. The MLP's GELU is fused into its conv besides (PyTorch's
+# takes about 28 ms forward and 38 ms backward on the 256ch 56x56 map). Whole van_b0 training step:
+# README, from `tools/benchmark.py --impls plain,fast-no-native,fast`.
+def _native_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the C kernels take this call: they are opaque to tracing, compiling and dispatch
+    modes (FLOP counters), which then see PyTorch's own ops instead."""
+    kh, kw = weight.shape[-2:]
+    return (kh == kw and weight.dtype == x.dtype and native_kernels.supports(x)
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode())
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, dilation: int) -> torch.Tensor:
     """F.conv2d(x, weight, bias, 1, dilation * (k // 2), dilation, C) for a depthwise weight (C, 1, k, k).
 
     The result has x's memory format; only the route differs (see the decision table above).
     """
+    if _native_ok(x, weight):
+        return _NativeDepthwiseConv.apply(x, weight, bias, dilation, False)
     if dilation > 1:
         return _DilatedDepthwiseConv.apply(x, weight, bias, dilation)
     # Dense depthwise convs: oneDNN's channels_last kernels (forward and backward) are the fastest
@@ -233,3 +309,10 @@ class FastConv2d(nn.Conv2d):
         if self._fast_shape and x.device.type == 'cpu' and x.dim() == 4 and not torch.compiler.is_compiling():
             return depthwise_conv2d(x, self.weight, self.bias, self.dilation[0])
         return super().forward(x)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """F.gelu(self(x)); one pass of the C kernels where they run (the MLP's dwconv + GELU)."""
+        if (self._fast_shape and x.device.type == 'cpu' and x.dim() == 4 and not torch.compiler.is_compiling()
+                and _native_ok(x, self.weight)):
+            return _NativeDepthwiseConv.apply(x, self.weight, self.bias, self.dilation[0], True)
+        return F.gelu(self(x))

@@ -141,8 +141,13 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.dwconv(self.fc1(x))))
-        return self.drop(self.fc2(x))
+        x = self.fc1(x)
+        conv = self.dwconv.dwconv
+        if hasattr(conv, 'forward_gelu') and isinstance(self.act, nn.GELU) and self.act.approximate == 'none':
+            x = conv.forward_gelu(x)  # FastConv2d: the same GELU(dwconv(x)), fused on CPU
+        else:
+            x = self.act(self.dwconv(x))
+        return self.drop(self.fc2(self.drop(x)))
 
 
 class Block(nn.Module):
