@@ -1,6 +1,7 @@
 """Throughput of VAN implementations side by side: training step, inference, and the data pipeline.
 
     python tools/benchmark.py --model van_b0 -b 32 --img-size 224                   # plain vs fast
+    python tools/benchmark.py --impls plain,fast-no-native,fast                      # + PyTorch-only fast path
     python tools/benchmark.py --model van_b2 -b 128 --device cuda --dtype bfloat16 --compile
     python tools/benchmark.py --data-path data/demo -b 64 -j 2                      # loading alone
 
@@ -8,13 +9,16 @@ A training step is forward + cross-entropy + backward + AdamW step; inference is
 `torch.inference_mode` in eval mode. All implementations are built first and then timed in
 interleaved rounds (plain, fast, plain, fast, ...), so a busy machine slows them alike and the
 ratio stays meaningful. Rows: `plain` is nn.Conv2d in NCHW, exactly what the reference computes;
-`fast` is the default fast path (`lka_impl='fast'`); `+compile` rows wrap them in torch.compile.
+`fast` is the default fast path (`lka_impl='fast'`), with the native C depthwise kernels on CPU where
+they built (models/native_kernels.py); `fast-no-native` is the fast path on PyTorch's kernels only;
+`+compile` rows wrap them in torch.compile.
 float16/bfloat16 run under autocast (one code path: autocast is disabled for float32).
 On CPU the host allocator keeps freed memory, as main.py does (utils/device.py
 `keep_freed_host_memory`), for every row alike; `--default-malloc` measures glibc's default
 behaviour instead, as a plain script gets it.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,8 +32,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402,F401  (registers the VAN variants with timm)
 import timm  # noqa: E402
+from models import native_kernels  # noqa: E402
 from utils.device import keep_freed_host_memory  # noqa: E402
 
+NO_NATIVE = '-no-native'
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -45,7 +51,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help='float32, or autocast to bfloat16/float16 (mixed precision)')
     parser.add_argument('--channels-last', action='store_true',
                         help='feed channels_last inputs to every row (the fast path on CPU converts anyway)')
-    parser.add_argument('--impls', default='plain,fast', help='comma-separated lka_impl values to compare')
+    parser.add_argument('--impls', default='plain,fast',
+                        help='comma-separated lka_impl values to compare; NAME-no-native runs NAME with the '
+                             'native CPU kernels switched off')
     parser.add_argument('--compile', action='store_true', help='add torch.compile rows for every implementation')
     parser.add_argument('--mode', default='both', choices=['train', 'infer', 'both'])
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per row before timing')
@@ -72,7 +80,9 @@ def resolve_device(name: str) -> torch.device:
 
 def synchronize(device: torch.device) -> None:
     if device.type != 'cpu':
-        torch.accelerator.synchronize(device)
+        # torch.accelerator is torch >= 2.6; before it, each backend module (torch.cuda, torch.npu) has its own.
+        accelerator = getattr(torch, 'accelerator', None) or getattr(torch, device.type)
+        accelerator.synchronize(device)
 
 
 def _summary(times, batch_size):
@@ -88,9 +98,10 @@ def build_rows(args, device):
     reference = None
     impls = [i.strip() for i in args.impls.split(',') if i.strip()]
     for impl in impls:
+        lka_impl = impl[:-len(NO_NATIVE)] if impl.endswith(NO_NATIVE) else impl
         for compiled in ([False, True] if args.compile else [False]):
             model = timm.create_model(args.model, num_classes=args.num_classes, drop_path_rate=args.drop_path,
-                                      lka_impl=impl)
+                                      lka_impl=lka_impl)
             if reference is None:
                 reference = model.state_dict()
             model.load_state_dict(reference)  # same weights in every row
@@ -99,7 +110,8 @@ def build_rows(args, device):
                 model.to(memory_format=torch.channels_last)
             name = f'{impl}+compile' if compiled else impl
             rows.append(dict(name=name, model=model, run=torch.compile(model) if compiled else model,
-                             optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)))
+                             optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05),
+                             context=native_kernels.disabled if impl.endswith(NO_NATIVE) else contextlib.nullcontext))
     return rows
 
 
@@ -136,7 +148,8 @@ def benchmark_models(args, device):
             for row in rows:  # interleaved: every row sees the same machine load
                 synchronize(device)
                 start = time.perf_counter()
-                step(row)
+                with row['context']():
+                    step(row)
                 synchronize(device)
                 if round_index >= args.warmup:
                     times[row['name']].append(time.perf_counter() - start)
@@ -202,6 +215,8 @@ def main(argv=None):
         if device.type == 'cpu':
             kept = not args.default_malloc and keep_freed_host_memory()
             setting += ', host memory: ' + ('freed memory kept' if kept else 'glibc default')
+            setting += ', native kernels: ' + (
+                'on' if native_kernels.available() else f'off ({native_kernels.unavailable_reason()})')
         results = benchmark_models(args, device)
     print(setting)
     print(f'{"mode":<6} {"impl":<16} {"images/s":>9} {"min":>8} {"max":>8} {"step ms":>9} {"speedup":>8}')

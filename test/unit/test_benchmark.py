@@ -35,6 +35,18 @@ def test_plain_and_fast_rows_train_and_infer(tmp_path, capsys):
     assert 'speedup' in table and 'fast' in table
 
 
+def test_no_native_rows_run_the_fast_path_on_pytorchs_kernels(monkeypatch):
+    from models import native_kernels
+    seen = []
+    real_supports = native_kernels.supports
+    monkeypatch.setattr(native_kernels, 'supports', lambda x: seen.append(real_supports(x)) or seen[-1])
+    results = benchmark.main(['--model', 'van_b0', '-b', '2', '--img-size', '32', '--num-classes', '10',
+                              '--device', 'cpu', '--warmup', '0', '--repeats', '1', '--mode', 'train',
+                              '--impls', 'fast-no-native'])
+    assert [r['impl'] for r in results] == ['fast-no-native']
+    assert seen and not any(seen)  # asked, and always answered no
+
+
 def test_data_pipeline_alone(shapes_dataset, capsys):
     results = benchmark.main(['--data-path', str(shapes_dataset), '-b', '4', '--img-size', '32', '-j', '0',
                               '--batches', '3', '--warmup', '1'])
