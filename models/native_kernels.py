@@ -2,7 +2,7 @@
 
 The one place that decides whether the C kernels of `models/csrc/depthwise.c` are used. They are
 compiled once per machine with the system C compiler (`$CC`, else `cc`) into a cache folder
-(`$VAN_KERNEL_CACHE`, else `~/.cache/van-kernels`) and loaded with ctypes: no PyTorch headers, so a
+(`$VAN_KERNEL_CACHE`, else `~/.cache/van-kernels`, else a temporary folder) and loaded with ctypes: no PyTorch headers, so a
 build takes about a second, and nothing beyond a C compiler is needed. Where there is no compiler or
 the build fails, `available()` is False, models/fast_conv.py keeps its PyTorch route and a warning
 says why, once. `VAN_NATIVE_KERNELS=0` switches them off quietly (to compare, or to rule them out).
@@ -51,7 +51,17 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get('VAN_KERNEL_CACHE') or Path.home() / '.cache' / 'van-kernels')
+    """$VAN_KERNEL_CACHE, else ~/.cache/van-kernels, else (read-only home) a per-user temporary folder."""
+    if os.environ.get('VAN_KERNEL_CACHE'):
+        return Path(os.environ['VAN_KERNEL_CACHE'])
+    home_cache = Path.home() / '.cache' / 'van-kernels'
+    try:
+        home_cache.mkdir(parents=True, exist_ok=True)
+        if os.access(home_cache, os.W_OK):
+            return home_cache
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f'van-kernels-{os.getuid()}'
 
 
 def _build(compiler: str) -> Tuple[Optional[Path], str]:

@@ -182,3 +182,15 @@ def test_build_is_cached_per_machine(fresh_loader):
     assert native_kernels.available()
     assert built[0].stat().st_mtime_ns == stamp
     assert list((fresh_loader / 'cache').iterdir()) == built  # no temporary files left behind
+
+
+@needs_native
+def test_unwritable_home_builds_in_a_temporary_folder(fresh_loader, monkeypatch):
+    blocker = fresh_loader / 'not-a-folder'
+    blocker.write_text('')  # a home below a file cannot be created, not even by root
+    monkeypatch.delenv('VAN_KERNEL_CACHE')
+    monkeypatch.setenv('HOME', str(blocker / 'home'))
+    (fresh_loader / 'tmp').mkdir()
+    monkeypatch.setattr(native_kernels.tempfile, 'tempdir', str(fresh_loader / 'tmp'))
+    assert native_kernels.available()
+    assert len(list((fresh_loader / 'tmp').glob('van-kernels-*/depthwise-*.so'))) == 1
