@@ -107,10 +107,10 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, dim: int, conv_cls: Callable[..., nn.Conv2d]):
         super().__init__()
-        self.proj_1 = nn.Conv2d(dim, dim, 1)
+        self.proj_1 = conv_cls(dim, dim, 1)
         self.activation = nn.GELU()
         self.spatial_gating_unit = LKA(dim, conv_cls)
-        self.proj_2 = nn.Conv2d(dim, dim, 1)
+        self.proj_2 = conv_cls(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -134,10 +134,10 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float, conv_cls: Callable[..., nn.Conv2d]):
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.fc1 = conv_cls(dim, hidden_dim, 1)
         self.dwconv = DWConv(hidden_dim, conv_cls)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.fc2 = conv_cls(hidden_dim, dim, 1)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -159,3 +159,37 @@ def test_backward_under_cpu_bfloat16_autocast(dilation, size):
     for expected, got in zip(*grads):
         assert got.dtype == expected.dtype
         torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize('in_channels, out_channels', [(16, 16), (8, 64), (32, 8), (64, 8)])
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'channels_last'])
+def test_pointwise_conv_matches_conv2d(in_channels, out_channels, channels_last):
+    """1x1 convs of channels_last float32 maps take the GEMM weight gradient unless they reduce
+    channels 8-fold; every route gives nn.Conv2d's output and gradients."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(in_channels, out_channels, 1)
+    fast = FastConv2d(in_channels, out_channels, 1)
+    with torch.no_grad():
+        ref.bias.normal_()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, in_channels, 9, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, out_channels, 9, 7)
+    expected = _forward_backward(ref, x, grad)
+    got = _forward_backward(fast, x, grad)
+    takes_gemm_route = channels_last and in_channels < 8 * out_channels
+    assert ('PointwiseConv' in got[0].grad_fn.name()) == takes_gemm_route
+    for name, e, g in zip(['output', 'input grad', 'weight grad', 'bias grad'], expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=lambda m: f'{name}: {m}')
+
+
+def test_pointwise_conv_without_bias_and_frozen_weight():
+    fast = FastConv2d(8, 16, 1, bias=False)
+    fast.weight.requires_grad_(False)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = fast(x)
+    assert 'PointwiseConv' in y.grad_fn.name()
+    y.sum().backward()
+    expected = nn.functional.conv2d(torch.ones(2, 16, 5, 5), fast.weight.transpose(0, 1))
+    torch.testing.assert_close(x.grad, expected)

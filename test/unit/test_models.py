@@ -225,6 +225,6 @@ def test_lka_impl_chooses_the_convolution_class_without_renaming_parameters():
         x = torch.randn(1, 3, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(counting(x), plain(x))
-        assert CountingConv2d.calls == 4 * 13  # conv0, conv_spatial, conv1, mlp dwconv in 13 blocks
+        assert CountingConv2d.calls == 8 * 13  # every conv of the 13 blocks: 3 in LKA, 2 projections, 3 in the MLP
     finally:
         models.van._LKA_IMPLS.pop('counting-test')
