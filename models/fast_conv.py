@@ -284,8 +284,9 @@ _POINTWISE_MAX_RATIO = 8
 
 def _pointwise_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a 1x1 conv takes _PointwiseConv: a float32 channels_last CPU map outside autocast,
-    tracing and compiling."""
-    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype == weight.dtype == torch.float32
+    tracing and compiling, with a backward to come (its forward is F.conv2d's)."""
+    return (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and x.device.type == 'cpu' and x.dim() == 4 and x.dtype == weight.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last) and not torch.is_autocast_enabled('cpu')
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
