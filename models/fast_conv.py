@@ -369,7 +369,6 @@ class FastConv2d(nn.Conv2d):
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """F.gelu(self(x)); one pass of the C kernels where they run (the MLP's dwconv + GELU)."""
-        if (self._fast_shape and x.device.type == 'cpu' and x.dim() == 4 and not torch.compiler.is_compiling()
-                and _native_ok(x, self.weight)):
+        if self._fast_shape and _native_ok(x, self.weight):  # CPU, 4-D, not compiling: checked there
             return _NativeDepthwiseConv.apply(x, self.weight, self.bias, self.dilation[0], True)
         return F.gelu(self(x))
