@@ -26,13 +26,14 @@ from utils.data_layout import DatasetLayoutError, check_dataset_layout
 from utils.images import BadImageError
 from utils.output_dir import CHECKPOINTS_ON_DISK, OutputDirError, check_output_dir, estimate_checkpoint_bytes
 from utils.preemption import RECOVERY_FILE, Preempted
-from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, create_precision, parse_loss_scale
+from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, amp_backend_for, create_precision, parse_loss_scale
 from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteError, ResumePoint, find_resume_checkpoint,
                               read_training_checkpoint, remove_partial_files, restore_training, training_state)
 from utils.curves import plot_run_curves
 from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
                         build_train_criterion, find_class_map, find_split_dirs)
-from utils.device import DEVICE_CHOICES, DeviceError, cleanup_distributed, init_distributed_device, is_peer_failure
+from utils.device import (DEVICE_CHOICES, DeviceError, check_memory_format, cleanup_distributed, init_distributed_device,
+                          is_peer_failure, pin_memory_settings)
 from utils.engine import NonFiniteLossError, evaluate, fit, set_seed
 from utils.logger import setup_logger
 from utils.optim import create_optimizer, create_scheduler
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--data_path', '--data-path', dest='data_path', default=None, metavar='DIR',
                        help='dataset root holding train/ and val/ (or validation/), one folder per class')
     group.add_argument('-j', '--workers', type=int, default=4, help='data loading processes per device')
-    group.add_argument('--pin-mem', action='store_true', help='pin host memory of batches (faster copies to GPU/NPU)')
+    group.add_argument('--pin-mem', action='store_true', help='pin host memory of batches (faster copies to the GPU; always on for NPU)')
 
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='van_b0', help='van_b0..van_b6, van_tiny/small/base/large')
@@ -296,6 +297,7 @@ def find_checkpoint(args, run_dir: str, logger):
 def run(args) -> None:
     dist_env = init_distributed_device(args.device, args.local_rank, args.dist_timeout)
     device = dist_env.device
+    check_memory_format(device, args.channels_last)
     run_dir = None if args.eval else resolve_run_dir(args)
     if run_dir and dist_env.is_main:
         check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
@@ -328,9 +330,10 @@ def run(args) -> None:
                      interpolation=args.train_interpolation)
     train_set, val_set, class_to_idx = build_datasets(args.data_path, data_config, train_aug, args.seed,
                                                       with_train=not args.eval, strict_data=args.strict_data)
+    pin_memory, pin_memory_device = pin_memory_settings(device, args.pin_mem)
     train_loader, val_loader = build_loaders(
         train_set, val_set, args.batch_size, args.validation_batch_size or args.batch_size,
-        args.workers, dist_env.rank, dist_env.world_size, args.seed, args.pin_mem)
+        args.workers, dist_env.rank, dist_env.world_size, args.seed, pin_memory, pin_memory_device)
     logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, '
                 f'{len(train_set) if train_set else "-"} train / {len(val_set)} val images, input {data_config.input_size}')
 
@@ -340,7 +343,7 @@ def run(args) -> None:
     if args.sync_bn and dist_env.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = create_optimizer(model, device, args.opt, args.lr, args.weight_decay, args.momentum,
-                                 args.opt_eps, args.opt_betas)
+                                 args.opt_eps, args.opt_betas, amp_backend_for(args.amp, args.amp_backend, device))
     model, optimizer, precision = create_precision(model, optimizer, device, args.amp, args.amp_backend,
                                                    args.opt_level, args.loss_scale, args.amp_dtype)
     logger.info(f'{precision}, optimizer {type(optimizer).__name__}')

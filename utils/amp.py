@@ -6,7 +6,8 @@ The training loop always writes
     precision.backward_step(loss, optimizer, clip_grad=..., parameters=...)
 and `Precision` hides which backend runs: none (fp32), native `torch.autocast` (+ GradScaler for
 float16), or apex `amp.initialize` (Ascend's build, or an old NVIDIA build that still has `apex.amp`).
-The apex gate lives here and nowhere else.
+The apex gate lives here and nowhere else; what differs per device (AMP dtype, loss scaler, whether
+apex may run and combines gradients) comes from utils.device.DEVICE_KINDS.
 """
 import contextlib
 import functools
@@ -15,6 +16,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from timm.utils import dispatch_clip_grad
+
+from utils.device import device_kind
 
 AMP_BACKENDS = ('auto', 'apex', 'native')
 AMP_DTYPES = ('auto', 'float16', 'bfloat16')
@@ -54,30 +57,42 @@ def parse_loss_scale(value: str):
 def resolve_amp_backend(requested: str, device_type: str, apex_available: bool) -> str:
     """Choose 'apex' or 'native' for --amp.
 
-    auto takes apex on NPU when it is installed (Ascend's fused O1 path, the ModelZoo setup) and
-    native autocast elsewhere: on GPU native autocast is the maintained O1 equivalent, and apex
-    never supported CPU. `apex` asks for it explicitly (NPU or GPU).
+    auto takes apex where the device's entry says so and it is installed (NPU: Ascend's fused O1
+    path, the ModelZoo setup) and native autocast elsewhere: on GPU native autocast is the maintained
+    O1 equivalent, and apex never supported CPU. `apex` asks for it explicitly (NPU or GPU).
     """
     if requested not in AMP_BACKENDS:
         raise AmpError(f"--amp-backend {requested!r} is not one of {', '.join(AMP_BACKENDS)}")
+    kind = device_kind(device_type)
     if requested == 'native':
         return 'native'
     if requested == 'apex':
         if not apex_available:
             raise AmpError('--amp-backend apex was asked for but apex.amp is not importable (install '
                            "Ascend's apex on NPU; NVIDIA's current apex has no amp). Use --amp-backend native.")
-        if device_type == 'cpu':
-            raise AmpError('--amp-backend apex needs an NPU or GPU; on CPU use --amp-backend native (bfloat16).')
+        if not kind.apex_supported:
+            raise AmpError(f'--amp-backend apex needs an NPU or GPU; on {device_type} use --amp-backend native '
+                           '(bfloat16).')
         return 'apex'
-    return 'apex' if apex_available and device_type == 'npu' else 'native'
+    return 'apex' if apex_available and kind.apex_by_default else 'native'
+
+
+def amp_backend_for(enabled: bool, requested: str, device) -> str:
+    """'none' without --amp, else the backend create_precision will run ('apex' or 'native').
+
+    The optimizer is built before create_precision and must match it (utils.optim.create_optimizer).
+    """
+    if not enabled:
+        return 'none'
+    return resolve_amp_backend(requested, device.type, find_apex_amp() is not None)
 
 
 def resolve_amp_dtype(requested: str, device_type: str) -> torch.dtype:
-    """float16 on accelerators, bfloat16 on CPU (the only half type CPU autocast runs fast)."""
+    """The device's AMP dtype for auto: float16 on accelerators, bfloat16 on CPU."""
     if requested not in AMP_DTYPES:
         raise AmpError(f"--amp-dtype {requested!r} is not one of {', '.join(AMP_DTYPES)}")
     if requested == 'auto':
-        return torch.bfloat16 if device_type == 'cpu' else torch.float16
+        return device_kind(device_type).amp_dtype
     return getattr(torch, requested)
 
 
@@ -142,18 +157,25 @@ class Precision:
         if self._apex_amp is not None:
             self._apex_amp.load_state_dict(state)
         elif self._scaler is not None:
+            if 'dynamic' in self._scaler.state_dict() and 'dynamic' not in state:
+                # torch_npu's scaler saves 'dynamic' and requires it on load (torch_npu/npu/amp/grad_scaler.py
+                # load_state_dict); states written by torch.amp.GradScaler (older NPU runs, GPU) lack it.
+                # Precision's scaler is always dynamic (a fixed --loss-scale goes through update()).
+                state = dict(state, dynamic=True)
             self._scaler.load_state_dict(state)
 
 
-def _grad_scaler(device_type: str, loss_scale):
-    kwargs = {} if loss_scale == 'dynamic' else dict(init_scale=float(loss_scale))
-    try:
-        return torch.amp.GradScaler(device_type, **kwargs)
-    except Exception:
-        if device_type != 'npu':
-            raise
-        # Older torch_npu registers its scaler only under torch.npu.amp.
-        return torch.npu.amp.GradScaler(**kwargs)
+def _check_optimizer_pairing(optimizer, backend: str, combine_grad: bool) -> None:
+    """Refuse the fused optimizer of one AMP stack handed to the other (see DeviceKind.fused_adamw)."""
+    apex_fused = getattr(optimizer, 'is_npu_fused_optimizer', False) is True
+    torch_npu_fused = getattr(optimizer, 'is_fused_optimizer', False) is True and not apex_fused
+    if backend == 'apex' and combine_grad and torch_npu_fused:
+        raise AmpError(f"torch_npu's {type(optimizer).__name__} cannot go through apex amp.initialize(combine_grad=True): "
+                       'apex would unscale a stale copy of its gradients. Use --amp-backend native, or '
+                       "apex.optimizers' fused optimizer with apex.")
+    if backend != 'apex' and apex_fused:
+        raise AmpError(f"apex's {type(optimizer).__name__} only runs under apex amp.initialize; use --amp-backend apex "
+                       "or torch_npu's fused optimizer.")
 
 
 def create_precision(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -165,7 +187,9 @@ def create_precision(model: torch.nn.Module, optimizer: torch.optim.Optimizer, d
     model). Without --amp the same object runs the plain fp32 path.
     """
     if not enabled:
+        _check_optimizer_pairing(optimizer, 'none', False)
         return model, optimizer, Precision('none', contextlib.nullcontext)
+    kind = device_kind(device)
     loss_scale = parse_loss_scale(loss_scale) if isinstance(loss_scale, str) else loss_scale
     apex_amp = find_apex_amp()
     chosen = resolve_amp_backend(backend, device.type, apex_amp is not None)
@@ -173,9 +197,10 @@ def create_precision(model: torch.nn.Module, optimizer: torch.optim.Optimizer, d
         raise AmpError(f"--opt-level {opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
     if opt_level != 'O1' and chosen != 'apex':
         raise AmpError(f'--opt-level {opt_level} needs apex; native autocast only implements O1.')
+    _check_optimizer_pairing(optimizer, chosen, kind.apex_combine_grad)
     if chosen == 'apex':
         kwargs = dict(opt_level=opt_level, loss_scale=loss_scale)
-        if device.type == 'npu':
+        if kind.apex_combine_grad:
             kwargs['combine_grad'] = True  # Ascend's apex fuses gradient buffers for speed
         model, optimizer = apex_amp.initialize(model, optimizer, **kwargs)
         # apex patches the ops itself: no autocast region is needed.
@@ -183,6 +208,8 @@ def create_precision(model: torch.nn.Module, optimizer: torch.optim.Optimizer, d
     dtype = resolve_amp_dtype(amp_dtype, device.type)
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
     # bfloat16 has float32's exponent range, so gradients cannot underflow: no scaler needed.
-    scaler = _grad_scaler(device.type, loss_scale) if dtype == torch.float16 else None
+    scaler = None
+    if dtype == torch.float16:
+        scaler = kind.grad_scaler(device.type, None if loss_scale == 'dynamic' else float(loss_scale))
     fixed_scale = None if loss_scale == 'dynamic' or scaler is None else float(loss_scale)
     return model, optimizer, Precision('native', autocast, dtype, scaler=scaler, fixed_scale=fixed_scale)

@@ -176,12 +176,14 @@ def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, see
 
 
 def build_loaders(train_set: Optional[Dataset], val_set: Dataset, batch_size: int, val_batch_size: int,
-                  workers: int, rank: int, world_size: int, seed: int, pin_memory: bool):
+                  workers: int, rank: int, world_size: int, seed: int, pin_memory: bool,
+                  pin_memory_device: str = ''):
     """Training loader (sharded and shuffled per epoch, last partial batch dropped as in the reference,
     which also keeps Mixup's even-batch requirement) and an unpadded evaluation loader. Both yield
-    (images, targets) and count the unreadable files of each pass in `.skipped` (utils.images)."""
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                  collate_fn=collate_samples)
+    (images, targets) and count the unreadable files of each pass in `.skipped` (utils.images).
+    pin_memory(_device): utils.device.pin_memory_settings."""
+    common = dict(num_workers=workers, pin_memory=pin_memory, pin_memory_device=pin_memory_device,
+                  persistent_workers=workers > 0, collate_fn=collate_samples)
     train_loader = None
     if train_set is not None:
         per_rank = math.ceil(len(train_set) / world_size)

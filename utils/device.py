@@ -1,26 +1,115 @@
-"""Device and distributed setup, resolved once at start.
+"""Device and distributed setup, resolved once at start, and the table of what differs per device.
 
 Everything after `init_distributed_device` only sees a `torch.device` and a `DistEnv`; the NPU
 gate (importing torch_npu) lives here and nowhere else, and so does the host memory allocator
-setting of CPU training (`keep_freed_host_memory`).
+setting of CPU training (`keep_freed_host_memory`). Every choice that depends on the kind of device
+(backend, AMP dtype, loss scaler, fused optimizer, pinning, memory formats, reducible dtypes) is one
+`DeviceKind` entry of `DEVICE_KINDS`: the rest of the code asks `device_kind(device)` instead of
+comparing device types, so adding or fixing a device is one entry.
 """
 import ctypes
 import ctypes.util
 import datetime
+import importlib
 import importlib.util
 import os
 import sys
 from dataclasses import dataclass
+from typing import Callable, FrozenSet, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 DEVICE_CHOICES = ('auto', 'npu', 'cuda', 'cpu')
-BACKEND_BY_DEVICE = {'npu': 'hccl', 'cuda': 'nccl', 'cpu': 'gloo'}
 
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used on this machine."""
+
+
+def _torch_grad_scaler(device_type: str, init_scale: Optional[float]):
+    return torch.amp.GradScaler(device_type, **({} if init_scale is None else dict(init_scale=init_scale)))
+
+
+def _torch_npu_grad_scaler(device_type: str, init_scale: Optional[float]):
+    # torch_npu's own scaler (torch_npu/npu/amp/grad_scaler.py), not torch.amp.GradScaler('npu'): on the
+    # Atlas training series (910A, is_support_inf_nan() False) float16 overflow saturates instead of giving
+    # inf/NaN, and only this scaler clears the overflow flag in scale() and all-reduces the overflow count
+    # (_sync_dist_overflow_count), so every rank skips the same steps; it also unscales a fused optimizer's
+    # combined gradients in one call. dynamic stays True for a fixed --loss-scale too: with dynamic=False
+    # its step() runs optimizer.step() even on overflow; Precision keeps the scale fixed through
+    # update(new_scale) instead, as it does with torch's scaler.
+    from torch_npu.npu.amp import GradScaler
+    return GradScaler(**({} if init_scale is None else dict(init_scale=init_scale)), dynamic=True)
+
+
+# all_reduce dtypes of each collective backend. HCCL: torch_npu ProcessGroupHCCL.cpp checkSupportedDataType
+# (v2.1.0-v2.7.1; float64 only on Ascend950 from 2.7.1, so never relied on). gloo and NCCL also take float64.
+_HCCL_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+                          torch.bfloat16})
+_GLOO_NCCL_DTYPES = _HCCL_DTYPES | {torch.uint8, torch.float64}
+_ALL_MEMORY_FORMATS = (torch.contiguous_format, torch.preserve_format, torch.channels_last)
+TORCH_FUSED = 'torch'  # DeviceKind.fused_adamw value: torch.optim.AdamW(fused=True)
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    """What one kind of device needs; see DEVICE_KINDS."""
+    module: Optional[str]              # imported to register the device type ('torch_npu'); None: built into torch
+    runtime_env: Tuple[str, ...]       # variables that show the device's runtime was set up (CANN's set_env.sh)
+    dist_backend: str                  # torch.distributed backend
+    reducible_dtypes: FrozenSet[torch.dtype]  # dtypes that backend's all_reduce accepts
+    amp_dtype: torch.dtype             # autocast dtype of --amp-dtype auto
+    apex_by_default: bool              # --amp-backend auto takes apex when it is installed
+    apex_supported: bool               # --amp-backend apex can run here
+    apex_combine_grad: bool            # amp.initialize(combine_grad=True) (Ascend apex's fused gradient buffers)
+    grad_scaler: Callable[[str, Optional[float]], object]  # (device type, initial scale or None) -> float16 scaler
+    fused_adamw: Mapping[str, str]     # AMP backend ('apex', 'native', 'none') -> 'module:Class' or TORCH_FUSED
+    pin_memory: bool                   # pin batches even without --pin-mem
+    pin_memory_device: str             # DataLoader pin_memory_device, for a torch that does not pin for the current accelerator
+    memory_formats: Tuple[torch.memory_format, ...]  # formats Tensor.to(memory_format=) supports
+
+
+DEVICE_KINDS = {
+    # Sources: Ascend/pytorch v2.1.0-v2.7.1 and Ascend/apex, files named in each comment.
+    'npu': DeviceKind(
+        module='torch_npu',
+        runtime_env=('ASCEND_HOME_PATH', 'ASCEND_TOOLKIT_HOME', 'ASCEND_OPP_PATH'),
+        dist_backend='hccl', reducible_dtypes=_HCCL_DTYPES,
+        amp_dtype=torch.float16,
+        # The ModelZoo port's O1 setup: apex.amp.initialize(..., combine_grad=True).
+        apex_by_default=True, apex_supported=True, apex_combine_grad=True,
+        grad_scaler=_torch_npu_grad_scaler,
+        # apex only recognises its own fused optimizers (is_npu_fused_optimizer, apex patch/npu.patch
+        # _process_optimizer); torch_npu's (is_fused_optimizer) under combine_grad gets a second combined
+        # gradient buffer and apex then unscales a stale one. apex's NpuFusedAdamW.step raises without
+        # amp.initialize (src/apex/optimizers/npu_fused_adamw.py). So each goes with its own AMP.
+        fused_adamw={'apex': 'apex.optimizers:NpuFusedAdamW', 'native': 'torch_npu.optim:NpuFusedAdamW',
+                     'none': 'torch_npu.optim:NpuFusedAdamW'},
+        # Unpinned host memory turns each non_blocking copy into a stream sync (torch_npu
+        # CachingHostAllocator.cpp process_unregistered_mem_location_type).
+        pin_memory=True, pin_memory_device='npu',
+        # torch_npu's Tensor.to docs: memory_format only torch.contiguous_format or torch.preserve_format.
+        memory_formats=(torch.contiguous_format, torch.preserve_format)),
+    'cuda': DeviceKind(
+        module=None, runtime_env=(), dist_backend='nccl', reducible_dtypes=_GLOO_NCCL_DTYPES,
+        amp_dtype=torch.float16, apex_by_default=False, apex_supported=True, apex_combine_grad=False,
+        grad_scaler=_torch_grad_scaler,
+        fused_adamw={'apex': TORCH_FUSED, 'native': TORCH_FUSED, 'none': TORCH_FUSED},
+        pin_memory=False, pin_memory_device='', memory_formats=_ALL_MEMORY_FORMATS),
+    'cpu': DeviceKind(
+        module=None, runtime_env=(), dist_backend='gloo', reducible_dtypes=_GLOO_NCCL_DTYPES,
+        # bfloat16: the only half type CPU autocast runs fast; it needs no loss scaling.
+        amp_dtype=torch.bfloat16, apex_by_default=False, apex_supported=False, apex_combine_grad=False,
+        grad_scaler=_torch_grad_scaler, fused_adamw={},
+        pin_memory=False, pin_memory_device='', memory_formats=_ALL_MEMORY_FORMATS),
+}
+BACKEND_BY_DEVICE = {name: kind.dist_backend for name, kind in DEVICE_KINDS.items()}
+
+
+def device_kind(device) -> DeviceKind:
+    """The DEVICE_KINDS entry of a torch.device (or anything with .type, or a type name)."""
+    return DEVICE_KINDS[device if isinstance(device, str) else device.type]
 
 
 @dataclass(frozen=True)
@@ -40,20 +129,45 @@ class DistEnv:
         return self.rank == 0
 
 
+def _runtime_set_up(kind: DeviceKind) -> Optional[str]:
+    """'NAME=value' of the first variable showing the device's runtime is set up, else None."""
+    return next((f'{name}={os.environ[name]}' for name in kind.runtime_env if os.environ.get(name)), None)
+
+
 def _npu_available() -> bool:
-    # torch_npu fails at import (missing libhccl.so) on machines without CANN, so only try it when
-    # it is installed, and treat an import failure as "no NPU".
-    if importlib.util.find_spec('torch_npu') is None:
+    """Whether torch_npu imports and sees an NPU.
+
+    torch_npu fails at import (missing libhccl.so) on machines without CANN, so it is only tried when
+    installed, and there an import failure means "no NPU". Where CANN's set_env.sh was sourced the user
+    means to train on the NPU: a torch_npu that is missing or fails to import is then a DeviceError
+    carrying the import error, never a quiet fall-back to another device.
+    """
+    kind = DEVICE_KINDS['npu']
+    cann = _runtime_set_up(kind)
+    if importlib.util.find_spec(kind.module) is None:
+        if cann:
+            raise DeviceError(f'CANN is set up ({cann}) but {kind.module} is not installed: install the torch_npu '
+                              f'matching torch {torch.__version__} and this CANN, or pass --device cpu/cuda to '
+                              'train without the NPU')
         return False
     try:
-        import torch_npu  # noqa: F401  (registers the 'npu' device type)
-    except Exception:
+        importlib.import_module(kind.module)  # registers the 'npu' device type
+    except Exception as error:
+        if cann:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise DeviceError(f'CANN is set up ({cann}) but {kind.module} cannot be imported: '
+                              f'{type(error).__name__}: {first_line}. Install the torch_npu matching torch '
+                              f'{torch.__version__} and this CANN, or pass --device cpu/cuda to train without the NPU')
         return False
     return hasattr(torch, 'npu') and torch.npu.is_available()
 
 
 def resolve_device_type(requested: str = 'auto') -> str:
-    """Return 'npu', 'cuda' or 'cpu' for --device; an absent requested device is a DeviceError."""
+    """Return 'npu', 'cuda' or 'cpu' for --device; an absent requested device is a DeviceError.
+
+    auto prefers NPU, then CUDA, then CPU; where CANN is set up but torch_npu cannot be imported it
+    stops with that import error (see _npu_available) instead of training elsewhere.
+    """
     if requested not in DEVICE_CHOICES:
         raise DeviceError(f"--device {requested!r} is not one of {', '.join(DEVICE_CHOICES)}")
     if requested == 'auto':
@@ -66,6 +180,32 @@ def resolve_device_type(requested: str = 'auto') -> str:
     if requested == 'cuda' and not torch.cuda.is_available():
         raise DeviceError('--device cuda was asked for but torch sees no CUDA GPU. Use --device auto or cpu.')
     return requested
+
+
+def check_memory_format(device, channels_last: bool) -> None:
+    """DeviceError when --channels-last asks for a memory format the device does not support."""
+    if channels_last and torch.channels_last not in device_kind(device).memory_formats:
+        raise DeviceError(f'--channels-last is not supported on {device.type}: its Tensor.to takes only the '
+                          'contiguous and preserve memory formats (torch_npu docs). Leave --channels-last out.')
+
+
+# From this torch on, DataLoader pins for the current accelerator and ignores pin_memory_device with a
+# deprecation warning (pytorch/pytorch#131858, #158323); before it, only an explicit pin_memory_device
+# pins for a device other than CUDA.
+_DATALOADER_PINS_FOR_ACCELERATOR = (2, 9)
+
+
+def _dataloader_pins_for_current_accelerator() -> bool:
+    return torch.torch_version.TorchVersion(torch.__version__) >= _DATALOADER_PINS_FOR_ACCELERATOR
+
+
+def pin_memory_settings(device, requested: bool) -> Tuple[bool, str]:
+    """(pin_memory, pin_memory_device) for the DataLoaders: --pin-mem, or always where the device wants
+    pinned batches (NPU); the device name only where the installed torch needs it."""
+    kind = device_kind(device)
+    pin = requested or kind.pin_memory
+    named = pin and kind.pin_memory_device and not _dataloader_pins_for_current_accelerator()
+    return pin, kind.pin_memory_device if named else ''
 
 
 # glibc mallopt parameters (malloc.h).
@@ -156,7 +296,7 @@ def init_distributed_device(device: str = 'auto', local_rank: int = -1, timeout_
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _restart_store(world_size, timeout)
-        dist.init_process_group(backend=BACKEND_BY_DEVICE[device_type], init_method=None if store else 'env://',
+        dist.init_process_group(backend=device_kind(device_type).dist_backend, init_method=None if store else 'env://',
                                 store=store, rank=rank, world_size=world_size, timeout=timeout)
     return DistEnv(device=torch_device, rank=rank, world_size=world_size, local_rank=local_rank)
 
@@ -168,20 +308,42 @@ def synchronize(device: torch.device) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor, dist_env: DistEnv) -> torch.Tensor:
-    """Sum a tensor over all ranks (identity for one process); returns the same tensor."""
+    """Sum a tensor over all ranks (identity for one process); returns the same tensor.
+
+    The dtype must be one the device's backend reduces (DeviceKind.reducible_dtypes: HCCL has no
+    float64): a TypeError names it rather than letting the backend fail mid-run.
+    """
     if dist_env.distributed:
+        kind = device_kind(dist_env.device)
+        if tensor.dtype not in kind.reducible_dtypes:
+            raise TypeError(f'{kind.dist_backend} cannot all_reduce {tensor.dtype}; use one of '
+                            f'{sorted(str(d) for d in kind.reducible_dtypes)}')
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
+# What a collective's error says when another process died, hangs or lost its network. Backend names
+# alone ("HCCL", "NCCL", "gloo") are not signs: every error of those backends names them, e.g.
+# "HCCL allreduce: Unsupported data type fp64" is a bug of this process, not a lost peer.
+PEER_LOSS_SIGNS = (
+    'Connection closed by peer', 'Connection reset by peer', 'Broken pipe',  # gloo / TCPStore: a peer died
+    'Application timeout caused pair closure',  # gloo (e.g. DDP's buffer sync): a peer hangs
+    'Timed out', 'timed out',  # gloo and the store waiting for a peer
+    'Watchdog caught collective operation timeout',  # NCCL and HCCL (ProcessGroupHCCL.cpp) watchdogs
+    'communicator was aborted', 'ncclRemoteError',  # NCCL: a peer failed or the network broke
+    'SUSPECT REMOTE ERROR',  # HCCL device error blaming the remote side (ProcessGroupHCCL.cpp get_device_error)
+)
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """True for the errors a collective raises when another process died, hung or lost its network."""
-    if isinstance(error, getattr(dist, 'DistError', ())):
+    # The store and network errors are about other processes; DistBackendError is any backend failure,
+    # so like plain RuntimeErrors it counts only when its text says a peer was lost.
+    if isinstance(error, tuple(getattr(dist, name) for name in ('DistNetworkError', 'DistStoreError')
+                               if hasattr(dist, name))):
         return True
     text = str(error)
-    return dist.is_available() and dist.is_initialized() and any(sign in text for sign in (
-        'Connection closed by peer', 'Connection reset by peer', 'Timed out', 'timed out', 'Broken pipe',
-        'NCCL', 'HCCL', 'gloo'))
+    return dist.is_available() and dist.is_initialized() and any(sign in text for sign in PEER_LOSS_SIGNS)
 
 
 def cleanup_distributed() -> None:

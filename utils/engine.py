@@ -82,7 +82,10 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
         with precision.autocast():
             output = model(images)
             loss = criterion(output, targets)
-        optimizer.zero_grad(set_to_none=True)
+        # Each optimizer's own default: torch's sets grads to None; torch_npu's fused optimizers raise on
+        # set_to_none=True (torch_npu/optim/npu_fused_optim_base.py) and zero their combined buffer; apex
+        # with combine_grad replaces zero_grad by a function taking no arguments (apex patch/npu.patch).
+        optimizer.zero_grad()
         precision.backward_step(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
                                 parameters=model.parameters())
         num_updates += 1
@@ -139,7 +142,10 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: Dis
     are left out of the metrics and counted in `skipped`."""
     model.eval()
     autocast = autocast or contextlib.nullcontext
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct@1, correct@5, n
+    # Exact counts in int64 and the loss sum in float32: HCCL cannot all_reduce float64
+    # (utils.device.DEVICE_KINDS reducible_dtypes), and every backend takes these two.
+    loss_sum = torch.zeros(1, dtype=torch.float32, device=device)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct@1, correct@5, images
     steps = len(loader)
     for step, (images, targets) in enumerate(progress(loader, steps, f'{log_prefix}Test', show_progress, logger)):
         if targets.numel() == 0:
@@ -151,21 +157,22 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: Dis
         loss = F.cross_entropy(output, targets, reduction='sum')
         k = min(5, output.shape[1])
         correct = output.topk(k, dim=1).indices.eq(targets[:, None])
-        batch = torch.stack([loss.double(), correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
-                             torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
-        sums += batch
+        batch = torch.stack([correct[:, 0].sum(), correct.any(dim=1).sum(),
+                             torch.full((), targets.numel(), dtype=torch.int64, device=device)])
+        loss_sum += loss
+        counts += batch
         if (step + 1) % log_interval == 0 or step == steps - 1:
-            b_loss, b_top1, b_top5, n = batch.tolist()
-            s_loss, s_top1, s_top5, s_n = sums.tolist()
+            (b_top1, b_top5, n), (s_top1, s_top5, s_n) = batch.tolist(), counts.tolist()
+            b_loss, s_loss = torch.stack([loss, loss_sum[0]]).tolist()
             logger.info(
                 f'{log_prefix}Test: [{step + 1:>4d}/{steps:>4d}]  '
                 f'Loss: {b_loss / n:.4f} ({s_loss / s_n:.4f})  '
                 f'Acc@1: {100 * b_top1 / n:.4f} ({100 * s_top1 / s_n:.4f})  '
                 f'Acc@5: {100 * b_top5 / n:.4f} ({100 * s_top5 / s_n:.4f})')
-    sums = torch.cat([sums, torch.tensor([float(getattr(loader, 'skipped', 0))], dtype=sums.dtype, device=device)])
-    all_reduce_sum(sums, dist_env)
-    total_loss, top1, top5, images, skipped = sums.tolist()
-    images, skipped = int(round(images)), int(round(skipped))
+    counts = torch.cat([counts, torch.tensor([int(getattr(loader, 'skipped', 0))], dtype=torch.int64, device=device)])
+    all_reduce_sum(loss_sum, dist_env)
+    all_reduce_sum(counts, dist_env)
+    (total_loss,), (top1, top5, images, skipped) = loss_sum.tolist(), counts.tolist()
     if images == 0:
         raise ValueError(f'the validation set has no readable image ({skipped} unreadable files skipped)')
     metrics = dict(loss=total_loss / images, top1=100.0 * top1 / images, top5=100.0 * top5 / images,

@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule, built from timm's factories.
 
 Weight decay is not applied to biases and 1-D parameters (norms, layer scales). AdamW runs fused
-where the device offers a fused kernel; the NPU gate is here only.
+where the device offers a fused kernel; which one (and with which AMP stack) is the device's
+`fused_adamw` entry in utils.device.DEVICE_KINDS.
 """
 import importlib
 
@@ -9,34 +10,40 @@ import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 
+from utils.device import TORCH_FUSED, device_kind
 
-def _npu_fused_adamw():
-    """torch_npu's NpuFusedAdamW, else Ascend apex's, else None."""
-    for module_name in ('torch_npu.optim', 'apex.optimizers'):
-        try:
-            module = importlib.import_module(module_name)
-        except Exception:
-            continue
-        if hasattr(module, 'NpuFusedAdamW'):
-            return module.NpuFusedAdamW
-    return None
+
+def _import_class(path: str):
+    """'module:Class' -> the class, or None when the module does not import or lacks it."""
+    module_name, class_name = path.split(':')
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # torch_npu and apex fail at import in many ways (missing CANN libraries)
+        return None
+    return getattr(module, class_name, None)
 
 
 def create_optimizer(model: torch.nn.Module, device: torch.device, opt: str = 'adamw', lr: float = 1e-3,
-                     weight_decay: float = 0.05, momentum: float = 0.9, eps=None, betas=None):
-    """Any timm optimizer by name; AdamW uses the device's fused kernel when one exists."""
+                     weight_decay: float = 0.05, momentum: float = 0.9, eps=None, betas=None,
+                     amp_backend: str = 'none'):
+    """Any timm optimizer by name; AdamW uses the device's fused kernel when one exists.
+
+    amp_backend ('none', 'native' or 'apex', utils.amp.amp_backend_for): a vendor fused AdamW only works
+    with its own AMP stack, so it is chosen to match the one create_precision will set up.
+    """
     kwargs = {}
     if eps is not None:
         kwargs['eps'] = eps
     if betas is not None:
         kwargs['betas'] = tuple(betas)
-    if opt.lower() == 'adamw' and device.type == 'npu':
-        fused_cls = _npu_fused_adamw()
+    fused = device_kind(device).fused_adamw.get(amp_backend) if opt.lower() == 'adamw' else None
+    if fused == TORCH_FUSED:
+        kwargs['fused'] = True  # one kernel for all parameters instead of several per tensor
+    elif fused:
+        fused_cls = _import_class(fused)
         if fused_cls is not None:
             params = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=_no_decay_names(model))
             return fused_cls(params, lr=lr, weight_decay=weight_decay, **kwargs)
-    if opt.lower() == 'adamw' and device.type == 'cuda':
-        kwargs['fused'] = True  # one kernel for all parameters instead of several per tensor
     return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                filter_bias_and_bn=True, **kwargs)
 

@@ -11,6 +11,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# The torch_npu / HCCL / apex stand-ins (fixtures fake_torch_npu, hccl, npu, fake_apex) for every test.
+from npu_fakes import fake_apex, fake_torch_npu, hccl, npu  # noqa: E402,F401
+
 # Each class: a background colour and a shape in a contrasting colour, so colour alone separates them
 # and the shape makes the task not purely per-pixel.
 CLASS_STYLES = {

@@ -1,5 +1,4 @@
 """AMP: bfloat16 autocast on CPU, apex vs native selection (apex faked), one training code path."""
-import contextlib
 import logging
 import sys
 import types
@@ -30,33 +29,6 @@ def tiny_loader(steps=3, batch=4):
     class Loader(list):
         batch_size = batch
     return Loader(data)
-
-
-@pytest.fixture
-def fake_apex(monkeypatch):
-    """A stand-in `apex` package with the amp API main.py uses; records how it was called."""
-    calls = {}
-    apex = types.ModuleType('apex')
-    amp = types.ModuleType('apex.amp')
-
-    def initialize(model, optimizer, **kwargs):
-        calls['initialize'] = kwargs
-        return model, optimizer
-
-    @contextlib.contextmanager
-    def scale_loss(loss, optimizer):
-        calls['scaled'] = calls.get('scaled', 0) + 1
-        yield loss * 8.0  # a real loss scale: gradients come out 8x larger than the loss's
-
-    amp.initialize = initialize
-    amp.scale_loss = scale_loss
-    amp.master_params = lambda optimizer: [p for g in optimizer.param_groups for p in g['params']]
-    amp.state_dict = lambda: {'loss_scaler0': {'loss_scale': 8.0}}
-    amp.load_state_dict = lambda state: calls.setdefault('loaded', state)
-    apex.amp = amp
-    monkeypatch.setitem(sys.modules, 'apex', apex)
-    monkeypatch.setitem(sys.modules, 'apex.amp', amp)
-    return calls
 
 
 def test_cpu_amp_is_bfloat16_autocast_without_scaler():

@@ -83,3 +83,78 @@ def test_plain_launches_and_several_nodes_keep_the_env_rendezvous(monkeypatch):
     monkeypatch.delenv('TORCHELASTIC_USE_AGENT_STORE')  # torch.distributed.launch, or sharing disabled
     monkeypatch.setenv('GROUP_WORLD_SIZE', '1')
     assert device_module._restart_store(2, None) is None
+
+
+def test_the_device_table_keeps_cpu_and_gpu_choices():
+    kinds = device_module.DEVICE_KINDS
+    assert set(kinds) == {'npu', 'cuda', 'cpu'}
+    assert (kinds['cpu'].amp_dtype, kinds['cuda'].amp_dtype, kinds['npu'].amp_dtype) == \
+        (torch.bfloat16, torch.float16, torch.float16)
+    assert type(kinds['cuda'].grad_scaler('cpu', 128.0)) is torch.amp.GradScaler
+    assert kinds['cuda'].fused_adamw['native'] == device_module.TORCH_FUSED and not kinds['cpu'].fused_adamw
+    assert not kinds['cpu'].pin_memory and not kinds['cuda'].pin_memory
+    assert torch.float64 not in kinds['npu'].reducible_dtypes  # ProcessGroupHCCL.cpp checkSupportedDataType
+
+
+# --- is_peer_failure: only errors that say another process was lost -------------------------------
+
+@pytest.mark.parametrize('message', [
+    # gloo (context signalException, as DDP's buffer sync raises it) when the other process hangs
+    'Application timeout caused pair closure',
+    '[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Read error [127.0.0.1]:4242: Connection reset by peer',
+    '[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation',
+    '[Rank 3] Watchdog caught collective operation timeout: WorkHCCL(SeqNum=9, OpType=ALLREDUCE) ran for 600000 ms',
+])
+def test_lost_peers_are_recognised(hccl, message):
+    assert device_module.is_peer_failure(RuntimeError(message))
+
+
+@pytest.mark.parametrize('message', [
+    'HCCL allreduce: Unsupported data type fp64',  # a bug of this process, not a lost peer
+    'HCCL function error: HcclAllReduce(...), error code is 4',
+    'NCCL error in: ProcessGroupNCCL.cpp:1970, invalid usage',
+    'gloo: unsupported tensor type',
+])
+def test_backend_errors_that_are_not_peer_loss_stay_tracebacks(hccl, message):
+    assert not device_module.is_peer_failure(RuntimeError(message))
+
+
+def test_without_a_process_group_nothing_is_a_peer_failure():
+    assert not device_module.is_peer_failure(RuntimeError('Connection reset by peer'))
+
+
+# --- --device auto where CANN is set up -------------------------------------------------------------
+
+@pytest.fixture
+def broken_torch_npu(tmp_path, monkeypatch):
+    """An installed torch_npu whose import fails as without the CANN libraries."""
+    package = tmp_path / 'site' / 'torch_npu'
+    package.mkdir(parents=True)
+    (package / '__init__.py').write_text(
+        "raise ImportError('libhccl.so: cannot open shared object file: No such file or directory')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / 'site'))
+    import importlib
+    importlib.invalidate_caches()
+    for name in ('ASCEND_HOME_PATH', 'ASCEND_TOOLKIT_HOME', 'ASCEND_OPP_PATH'):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_auto_with_cann_set_up_reports_why_torch_npu_does_not_import(broken_torch_npu, monkeypatch):
+    monkeypatch.setenv('ASCEND_HOME_PATH', '/usr/local/Ascend/cann')
+    for requested in ('auto', 'npu'):
+        with pytest.raises(DeviceError, match=r'CANN is set up \(ASCEND_HOME_PATH=/usr/local/Ascend/cann\) but '
+                                              r'torch_npu cannot be imported: ImportError: libhccl.so'):
+            resolve_device_type(requested)
+    assert resolve_device_type('cpu') == 'cpu'  # asking for another device still works
+
+
+def test_auto_with_cann_set_up_but_no_torch_npu_says_so(monkeypatch):
+    monkeypatch.setattr(device_module.importlib.util, 'find_spec', lambda name: None)
+    monkeypatch.setenv('ASCEND_OPP_PATH', '/usr/local/Ascend/cann/opp')
+    with pytest.raises(DeviceError, match='CANN is set up .* but torch_npu is not installed'):
+        resolve_device_type('auto')
+
+
+def test_auto_without_cann_quietly_skips_a_torch_npu_that_cannot_import(broken_torch_npu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert resolve_device_type('auto') == 'cpu'

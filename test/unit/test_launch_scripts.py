@@ -43,6 +43,7 @@ FAKE_PYTHON = """#!/bin/bash
 # Stand-in for python: records the call, then prints the prepared log like main.py would.
 printf '%q ' "$@" >> "$FAKE_DIR/calls.txt"; echo >> "$FAKE_DIR/calls.txt"
 echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}" >> "$FAKE_DIR/env.txt"
+echo "NPU_ENV=${ASCEND_HOME_PATH:-unset} ${TASK_QUEUE_ENABLE:-unset} ${CPU_AFFINITY_CONF:-unset}" >> "$FAKE_DIR/npu_env.txt"
 [[ $1 == tools/make_demo_data.py ]] && { echo "demo dataset written"; exit 0; }
 cat "$FAKE_DIR/log.txt"
 exit "${FAKE_RC:-0}"
@@ -344,3 +345,52 @@ def test_env_npu_is_harmless_without_cann():
     if Path("/usr/local/Ascend").exists() or Path("/etc/Ascend").exists():
         pytest.skip("this machine has CANN installed")
     assert result.returncode == 0 and "autoload=0" in result.stdout
+
+
+# --- env_npu.sh on a machine with CANN (a user install under $HOME/Ascend, the tree faked) -------------
+
+REAL_CANN = Path("/etc/Ascend/ascend_cann_install.info").exists()  # a root install takes precedence
+
+
+def fake_cann(home, layout="cann"):
+    """$HOME/Ascend as CANN's installer leaves it: the install-path record and <layout>/set_env.sh."""
+    root = home / "Ascend"
+    (root / layout).mkdir(parents=True)
+    (root / "ascend_cann_install.info").write_text(f"Install_Path={root}\n")
+    (root / layout / "set_env.sh").write_text(f'export ASCEND_HOME_PATH="{root / layout}"\n')
+    return root / layout
+
+
+def source_env_npu(home, snippet, **env):
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("TASK_QUEUE_ENABLE", "CPU_AFFINITY_CONF", "ASCEND_HOME_PATH", "TORCH_DEVICE_BACKEND_AUTOLOAD")}
+    result = subprocess.run(["bash", "-c", f'source "{REPO}/test/env_npu.sh"; {snippet}'], capture_output=True,
+                            text=True, timeout=30, env=dict(base, HOME=str(home), **env))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.skipif(REAL_CANN, reason="this machine has CANN installed for root")
+@pytest.mark.parametrize("layout", ["cann", "ascend-toolkit"])  # CANN >= 8.5, and before
+def test_env_npu_sources_cann_and_sets_the_recommended_npu_switches(tmp_path, layout):
+    toolkit = fake_cann(tmp_path, layout)
+    out = source_env_npu(tmp_path, 'echo "$ASCEND_HOME_PATH|$TASK_QUEUE_ENABLE|$CPU_AFFINITY_CONF|'
+                                   '${TORCH_DEVICE_BACKEND_AUTOLOAD-unset}"')
+    assert out.splitlines()[-1] == f"{toolkit}|2|2|unset"
+
+
+@pytest.mark.skipif(REAL_CANN, reason="this machine has CANN installed for root")
+def test_env_npu_keeps_the_callers_settings(tmp_path):
+    fake_cann(tmp_path)
+    out = source_env_npu(tmp_path, 'echo "$TASK_QUEUE_ENABLE|$CPU_AFFINITY_CONF"', TASK_QUEUE_ENABLE="1",
+                         CPU_AFFINITY_CONF="1,npu0:0-3")
+    assert out.splitlines()[-1] == "1|1,npu0:0-3"
+
+
+@pytest.mark.skipif(REAL_CANN, reason="this machine has CANN installed for root")
+def test_8p_ranks_run_with_cann_task_queue_2_and_per_rank_core_binding(repo, tmp_path):
+    toolkit = fake_cann(tmp_path)
+    result = run_script(repo, "train_performance_8p.sh", "--data_path=data/digits", env_extra=dict(HOME=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    # torchrun passes the environment to every rank; CPU_AFFINITY_CONF=2 binds each to its NPU's cores.
+    assert f"NPU_ENV={toolkit} 2 2" in (repo.parent / "fake" / "npu_env.txt").read_text()
