@@ -36,7 +36,7 @@ from utils.device import (DEVICE_CHOICES, DeviceError, check_memory_format, clea
                           is_peer_failure, pin_memory_settings)
 from utils.engine import NonFiniteLossError, evaluate, fit, set_seed
 from utils.logger import setup_logger
-from utils.optim import create_optimizer, create_scheduler
+from utils.optim import LR_BASE_SCALES, create_optimizer, create_scheduler, effective_lr
 from utils.progress import progress_enabled
 from utils.tensorboard import create_writer
 
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--std', type=float, nargs=3, default=None, metavar='S', help='normalisation std')
     group.add_argument('--interpolation', default=None, help='eval resize interpolation (default bicubic)')
     group.add_argument('--drop', type=float, default=0.0, help='dropout rate')
-    group.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate (0.2 for van_b3)')
+    group.add_argument('--drop-path', type=float, default=None,
+                       help=f'stochastic depth rate (default: the variant\'s recipe value, {_recipe_drop_paths()})')
     group.add_argument('--channels-last', action='store_true', help='run the model in channels_last memory format')
     group.add_argument('--compile', action='store_true', help='torch.compile the model')
     group.add_argument('--sync-bn', action='store_true', help='synchronise BatchNorm statistics across devices')
@@ -93,7 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (off by default)')
     group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
     group.add_argument('--sched', default='cosine', help='timm scheduler name')
-    group.add_argument('--lr', type=float, default=1e-3, help='peak learning rate')
+    group.add_argument('--lr', type=float, default=None,
+                       help='peak learning rate (default: --lr-base scaled to the global batch, batch size x '
+                            'processes: 1e-3 at 8 x 128, 1.25e-4 at 1 x 128)')
+    group.add_argument('--lr-base', type=float, default=1e-3,
+                       help='learning rate of a global batch of --lr-base-size (default 1e-3)')
+    group.add_argument('--lr-base-size', type=int, default=1024,
+                       help='the global batch that --lr-base belongs to (default 1024)')
+    group.add_argument('--lr-base-scale', default='linear', choices=LR_BASE_SCALES,
+                       help='linear (default): lr = lr-base x global batch / lr-base-size; '
+                            'sqrt: lr-base x the square root of that ratio')
     group.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warmup')
     group.add_argument('--min-lr', type=float, default=1e-6, help='end of the cosine and the cooldown lr')
     group.add_argument('--epochs', type=int, default=300, help='epochs of the schedule (cooldown comes on top)')
@@ -102,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--decay-epochs', type=float, default=100, help='step schedulers: epochs between decays')
     group.add_argument('--decay-rate', type=float, default=0.1, help='step schedulers: decay factor')
     group.add_argument('--sched-on-updates', action='store_true',
-                       help='update the learning rate every step instead of once per epoch (the reference)')
+                       help='update the learning rate every step instead of once per epoch (the reference '
+                            'steps once per epoch)')
 
     group = parser.add_argument_group('augmentation and regularisation')
     group.add_argument('--train-interpolation', default='random', help='training resize interpolation')
@@ -164,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _recipe_drop_paths() -> str:
+    """'0.1 for van_b0, van_b1, van_b2; 0.2 for ...' from the variant table."""
+    by_rate = {}
+    for variant, rate in models.RECIPE_DROP_PATH.items():
+        by_rate.setdefault(rate, []).append(variant)
+    return '; '.join(f'{rate:g} for {", ".join(names)}' for rate, names in by_rate.items())
+
+
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     try:
         with open(path) as f:
@@ -213,6 +232,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  ('--log-interval', args.log_interval, 1), ('--workers', args.workers, 0),
                                  ('--warmup-epochs', args.warmup_epochs, 0),
                                  ('--cooldown-epochs', args.cooldown_epochs, 0),
+                                 ('--lr-base-size', args.lr_base_size, 1),
                                  ('--checkpoint-hist', args.checkpoint_hist, 0),
                                  ('--max-steps-per-epoch', args.max_steps_per_epoch or 1, 1),
                                  ('--recovery-interval', args.recovery_interval, 0),
@@ -228,6 +248,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume == 'auto' and args.eval and not args.experiment:
         parser.error('--eval --resume auto needs --experiment NAME to know which run to evaluate')
     return args
+
+
+def resolve_recipe(args, world_size: int) -> str:
+    """Fill in the options whose recipe value depends on the run, in args: --lr from the global batch
+    (--batch-size x world size, utils.optim.effective_lr), --drop-path from the variant table. Values
+    given on the command line or in --config stay. Returns the log line that states the result."""
+    global_batch = args.batch_size * world_size
+    if args.lr is not None:
+        lr_source = 'given'
+    else:
+        ratio = f'{global_batch} / {args.lr_base_size}'
+        lr_source = f'--lr-base {args.lr_base:g} x ' + (ratio if args.lr_base_scale == 'linear' else f'sqrt({ratio})')
+    args.lr = effective_lr(args.lr, global_batch, args.lr_base, args.lr_base_size, args.lr_base_scale)
+    if args.drop_path is not None:
+        drop_path_source = 'given'
+    else:
+        try:
+            args.drop_path = models.recipe_drop_path(args.model)
+        except ValueError as error:
+            raise ModelError(str(error)) from None
+        drop_path_source = f'{args.model} recipe'
+    return (f'settings: model {args.model}, world size {world_size}, global batch {global_batch} '
+            f'({world_size} x {args.batch_size}), lr {args.lr:.6g} ({lr_source}), '
+            f'drop path {args.drop_path:g} ({drop_path_source})')
 
 
 def resolve_run_dir(args) -> str:
@@ -304,6 +348,9 @@ def run(args) -> None:
         remove_partial_files(run_dir)
     logger = setup_logger(dist_env.is_main, os.path.join(run_dir, 'log.txt') if run_dir else None)
     logger.info(f'device {device}, world size {dist_env.world_size}' + (f', run dir {run_dir}' if run_dir else ''))
+    settings = resolve_recipe(args, dist_env.world_size)  # before args.yaml: the run records what it uses
+    if not args.eval:
+        logger.info(settings)
     if run_dir and dist_env.is_main:
         with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
             yaml.safe_dump(plain_args(args), f, sort_keys=True)
@@ -396,6 +443,9 @@ def run(args) -> None:
     if dist_env.is_main:
         plot_run_curves(run_dir, logger)
     if best is not None:
+        if model_ema is not None:
+            logger.info("best metric: the EMA weights' (state_dict_ema in model_best.pth.tar; tools/export_weights.py "
+                        '--ema exports them, --eval/--pretrained load the regular state_dict)')
         logger.info(f'*** Best metric: {best[0]:.3f} (epoch {best[1]})')
 
 

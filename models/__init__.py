@@ -1,6 +1,6 @@
 """VAN models for timm: `import models` registers van_b0 ... van_b6 and van_tiny/small/base/large.
 
-    model = timm.create_model('van_b2', num_classes=10, drop_path_rate=0.1)
+    model = timm.create_model('van_b2', num_classes=10, drop_path_rate=0.1)  # drop path defaults to 0
     model = timm.create_model('van_base', pretrained=True, num_classes=10,
                               pretrained_cfg_overlay=dict(file='van_base_828.pth.tar'))
 
@@ -14,18 +14,30 @@ from functools import partial
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from .van import ALIASES, VAN, VARIANTS, lka_impls, register_lka_impl, resolve_lka_impl
+from .van import ALIASES, RECIPE_DROP_PATH, VAN, VARIANTS, lka_impls, register_lka_impl, resolve_lka_impl
 from .fast_conv import FastConv2d
 from .weights import UnsafeFileError, load_pretrained, load_weights, safe_load
 
 __all__ = ['VAN', 'VARIANTS', 'ALIASES', 'MODEL_NAMES', 'UnsafeFileError', 'safe_load', 'load_pretrained', 'load_weights',
-           'lka_impls', 'register_lka_impl', 'resolve_lka_impl']
+           'lka_impls', 'register_lka_impl', 'resolve_lka_impl', 'RECIPE_DROP_PATH', 'recipe_drop_path']
 
 MODEL_NAMES = (*VARIANTS, *ALIASES)
 
 # 'auto' = 'fast': measured faster on CPU (tools/benchmark.py, README), and identical to nn.Conv2d
 # on CUDA/NPU, where FastConv2d runs the vendor kernels itself.
 register_lka_impl('fast', FastConv2d, use_for_auto=True)
+
+
+def recipe_drop_path(model_name: str) -> float:
+    """The drop path rate of `model_name`'s ImageNet training recipe (models.van.RECIPE_DROP_PATH).
+
+    Models built by timm.create_model default to 0; training scripts pass this value. Raises
+    ValueError naming the choices for a name that is no VAN variant.
+    """
+    variant = ALIASES.get(model_name, model_name)
+    if variant not in RECIPE_DROP_PATH:
+        raise ValueError(f'unknown model {model_name!r}; choose one of {", ".join(MODEL_NAMES)}')
+    return RECIPE_DROP_PATH[variant]
 
 
 def _cfg(**kwargs):

@@ -16,7 +16,7 @@ from torch import nn
 from timm.layers import DropPath, trunc_normal_
 from timm.models import checkpoint_seq
 
-__all__ = ['VAN', 'VARIANTS', 'ALIASES', 'register_lka_impl', 'resolve_lka_impl', 'lka_impls']
+__all__ = ['VAN', 'VARIANTS', 'RECIPE_DROP_PATH', 'ALIASES', 'register_lka_impl', 'resolve_lka_impl', 'lka_impls']
 
 # name: (embed dims, depths, MLP ratios) of the four stages.
 VARIANTS: Dict[str, dict] = {
@@ -27,6 +27,16 @@ VARIANTS: Dict[str, dict] = {
     'van_b4': dict(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), mlp_ratios=(8, 8, 4, 4)),
     'van_b5': dict(embed_dims=(96, 192, 480, 768), depths=(3, 3, 24, 3), mlp_ratios=(8, 8, 4, 4)),
     'van_b6': dict(embed_dims=(96, 192, 384, 768), depths=(6, 6, 90, 6), mlp_ratios=(8, 8, 4, 4)),
+}
+
+# Stochastic depth (drop_path_rate) of each variant's ImageNet-1K training recipe. The model itself
+# defaults to 0, like the reference's factories and every timm model (inference and fine-tuning
+# choose their own); main.py applies these when --drop-path is not given.
+# b0-b3: the reference (README and train.sh at e19779b: 0.1, 0.1, 0.1, 0.2). b4-b6: the reference
+# documents none (its README lists b4 as TODO); taken from OpenMMLab mmpretrain's VAN model configs
+# (configs/_base_/models/van/van_b4/b5/b6.py: 0.2, 0.2, 0.3), which agree with the reference on b0-b3.
+RECIPE_DROP_PATH: Dict[str, float] = {
+    'van_b0': 0.1, 'van_b1': 0.1, 'van_b2': 0.1, 'van_b3': 0.2, 'van_b4': 0.2, 'van_b5': 0.2, 'van_b6': 0.3,
 }
 
 # Names of the first release; the Ascend ModelZoo scripts train `van_base`.

@@ -15,11 +15,12 @@ CALLER_PWD=$PWD
 cd "$REPO_ROOT" || exit 1
 
 # The VAN port's defaults (Ascend ModelZoo); every one can be overridden on the command line.
+# The learning rate and drop path come from main.py's recipe: lr 1e-3 per global batch of 1024
+# (scaled to batch size x processes), drop path per variant (0.1 for van_base); a given --lr= or
+# --drop-path= passes through.
 Network="VAN_Classification"
 model="van_base"
 batch_size=128            # per device
-lr=1e-3
-drop_path=0.1
 amp=1
 epochs=1                  # the scripts set their own
 cooldown_epochs=""        # empty: main.py's default (10 epochs at min lr after the cosine)
@@ -108,8 +109,6 @@ parse_args() {
             --batch-size|--batch_size|-b) _take_value "$@" && shift; batch_size=$value ;;
             --epochs) _take_value "$@" && shift; epochs=$value ;;
             --cooldown-epochs) _take_value "$@" && shift; cooldown_epochs=$value ;;
-            --lr) _take_value "$@" && shift; lr=$value ;;
-            --drop-path) _take_value "$@" && shift; drop_path=$value ;;
             --output) _take_value "$@" && shift; output_root=$value ;;
             --experiment) _take_value "$@" && shift; experiment=$value ;;
             --amp) (( has_value )) && die 2 "--amp takes no value (use --no-amp to turn AMP off)"; amp=1 ;;
@@ -216,9 +215,8 @@ build_command() {
             main_cmd+=(--nnodes="$nnodes" --node_rank="$node_rank" --master_addr="$master_addr" --master_port="$master_port")
         fi
     fi
-    main_cmd+=(main.py --data_path "$data_path" --model "$model" -b "$batch_size" --lr "$lr"
-               --drop-path "$drop_path" --epochs "$epochs" --device "$device"
-               --output "$output_root" --experiment "$experiment")
+    main_cmd+=(main.py --data_path "$data_path" --model "$model" -b "$batch_size" --epochs "$epochs"
+               --device "$device" --output "$output_root" --experiment "$experiment")
     (( amp )) && main_cmd+=(--amp)
     [[ -n $cooldown_epochs ]] && main_cmd+=(--cooldown-epochs "$cooldown_epochs")
     [[ -n $workers ]] && main_cmd+=(-j "$workers")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402,F401  (registers the VAN variants with timm)
+import models  # noqa: E402  (registers the VAN variants with timm)
 import timm  # noqa: E402
 from models import native_kernels  # noqa: E402
 from utils.device import keep_freed_host_memory  # noqa: E402
@@ -60,7 +60,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument('--repeats', type=int, default=5, help='timed steps per row (median reported)')
     parser.add_argument('--default-malloc', action='store_true',
                         help="CPU: keep glibc's default of returning freed memory to the kernel (main.py keeps it)")
-    parser.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth of the trained model')
+    parser.add_argument('--drop-path', type=float, default=None,
+                        help="stochastic depth of the trained model (default: the variant's recipe value, as main.py)")
     parser.add_argument('--data-path', default=None,
                         help='measure the training data pipeline alone on this ImageFolder (DIR or DIR/train)')
     parser.add_argument('-j', '--workers', type=int, default=2, help='data loader workers (data mode)')
@@ -97,10 +98,11 @@ def build_rows(args, device):
     torch.manual_seed(0)
     reference = None
     impls = [i.strip() for i in args.impls.split(',') if i.strip()]
+    drop_path = args.drop_path if args.drop_path is not None else models.recipe_drop_path(args.model)
     for impl in impls:
         lka_impl = impl[:-len(NO_NATIVE)] if impl.endswith(NO_NATIVE) else impl
         for compiled in ([False, True] if args.compile else [False]):
-            model = timm.create_model(args.model, num_classes=args.num_classes, drop_path_rate=args.drop_path,
+            model = timm.create_model(args.model, num_classes=args.num_classes, drop_path_rate=drop_path,
                                       lka_impl=lka_impl)
             if reference is None:
                 reference = model.state_dict()

@@ -199,6 +199,8 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
     is None except on rank 0; training_state() gives the state it saves. recovery: the position inside
     start_epoch that a recovery checkpoint recorded. dist_bn: 'reduce' or 'broadcast' the BN statistics
     after each epoch ('' = leave them). SIGTERM/SIGINT stop the run after saving where it was (Preempted).
+    With model_ema, as in the reference (timm 0.4 train.py), the EMA weights' evaluation is the epoch's
+    metric: it ranks the checkpoints, feeds the scheduler and summary.csv; both weights are saved.
     Returns the best (top-1, epoch), or None.
     """
     start_step = resume_step(recovery, train_loader.batch_size, dist_env.world_size) if recovery else 0
@@ -214,6 +216,9 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
     # without one a non-finite loss has already spoilt the weights.
     nonfinite_guard = NonFiniteGuard(precision.checkpoint_key is not None, max_nonfinite_steps)
     recovery_path = os.path.join(run_dir, RECOVERY_FILE)
+    if model_ema is not None:
+        logger.info("model EMA: the EMA weights' Acc@1 ranks the checkpoints (model_best, checkpoint-<epoch>) and "
+                    'gives the best metric, as in the reference; checkpoints hold both (state_dict, state_dict_ema)')
     eval_kwargs = dict(device=device, dist_env=dist_env, logger=logger, autocast=precision.autocast,
                        log_interval=log_interval, channels_last=channels_last, show_progress=show_progress)
 
@@ -254,7 +259,7 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
             if model_ema is not None:
                 if dist_bn:
                     distribute_bn(model_ema, dist_env.world_size, reduce=dist_bn == 'reduce')
-                evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
+                metrics = evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
             scheduler.step(epoch + 1, metrics['top1'])
             if dist_env.is_main:
                 summary_row = dict(

@@ -1,10 +1,12 @@
-"""Optimizer and learning-rate schedule, built from timm's factories.
+"""Optimizer, learning rate and its schedule, built from timm's factories.
 
+The peak learning rate follows the global batch (timm's --lr-base convention, `effective_lr`).
 Weight decay is not applied to biases and 1-D parameters (norms, layer scales). AdamW runs fused
 where the device offers a fused kernel; which one (and with which AMP stack) is the device's
 `fused_adamw` entry in utils.device.DEVICE_KINDS.
 """
 import importlib
+from typing import Optional
 
 import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
@@ -21,6 +23,27 @@ def _import_class(path: str):
     except Exception:  # torch_npu and apex fail at import in many ways (missing CANN libraries)
         return None
     return getattr(module, class_name, None)
+
+
+LR_BASE_SCALES = ('linear', 'sqrt')
+
+
+def effective_lr(lr: Optional[float], global_batch: int, lr_base: float = 1e-3, lr_base_size: int = 1024,
+                 lr_base_scale: str = 'linear') -> float:
+    """The peak learning rate of a run whose steps see `global_batch` images (per device x processes).
+
+    An explicit `lr` wins. Otherwise, as timm's train.py (--lr-base): `lr_base` belongs to a global
+    batch of `lr_base_size` and is scaled to `global_batch` linearly or by the square root of the
+    ratio. The VAN recipe, 1e-3 at 8 x 128 = 1024, is the linear rule with the defaults.
+    """
+    if lr is not None:
+        return lr
+    if global_batch < 1 or lr_base_size < 1:
+        raise ValueError(f'global batch ({global_batch}) and lr base size ({lr_base_size}) must be positive')
+    if lr_base_scale not in LR_BASE_SCALES:
+        raise ValueError(f"lr base scale must be one of {', '.join(LR_BASE_SCALES)}, got {lr_base_scale!r}")
+    ratio = global_batch / lr_base_size
+    return lr_base * (ratio if lr_base_scale == 'linear' else ratio ** 0.5)
 
 
 def create_optimizer(model: torch.nn.Module, device: torch.device, opt: str = 'adamw', lr: float = 1e-3,

@@ -154,3 +154,49 @@ def test_fit_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(t
     _, resumed = _fit(tmp_path / 'cut', checkpoint=checkpoint)
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     assert not (tmp_path / 'cut' / 'recovery.pth.tar').exists()  # superseded by the epoch checkpoints
+
+
+def test_with_model_ema_the_ema_evaluation_picks_the_best_checkpoint(tmp_path, monkeypatch, caplog):
+    """As the reference (timm 0.4 train.py) with --model-ema: the EMA weights' top-1 ranks the checkpoints,
+    is the returned best and the summary's metric, and the checkpoints keep both weights."""
+    import csv
+    import functools
+    from timm.utils import ModelEmaV3
+    from utils import engine
+    from utils.checkpoint import CheckpointSaver, read_training_checkpoint, training_state
+    from utils.data import build_loaders
+    from utils.optim import create_scheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, precision = create_precision(model, optimizer, CPU, enabled=False)
+    model_ema = ModelEmaV3(model, decay=0.5)
+    train_loader, val_loader = build_loaders(Points(), Points(), 4, 8, 0, 0, 1, seed=0, pin_memory=False)
+    scheduler, epochs = create_scheduler(optimizer, epochs=2, cooldown_epochs=0, warmup_epochs=0)
+    # Scripted top-1 per epoch: the regular weights are best in epoch 0, the EMA weights in epoch 1.
+    top1 = {model: [50.0, 40.0], model_ema.module: [10.0, 60.0]}
+    evaluated = []
+
+    def scripted_evaluate(evaluated_model, loader, **kwargs):
+        epoch = sum(m is evaluated_model for m in evaluated)
+        evaluated.append(evaluated_model)
+        return dict(loss=1.0, top1=top1[evaluated_model][epoch], top5=100.0, images=24, skipped=0)
+    monkeypatch.setattr(engine, 'evaluate', scripted_evaluate)
+
+    saver = CheckpointSaver(str(tmp_path), max_history=1)
+    state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, 'linear', {}, {})
+    with caplog.at_level(logging.INFO, logger='test-engine'):
+        best = engine.fit(model, model, model, train_loader, val_loader, torch.nn.CrossEntropyLoss(), optimizer,
+                          scheduler, precision, CPU, DistEnv(CPU), LOGGER, str(tmp_path), saver, state, start_epoch=0,
+                          total_epochs=epochs, steps_per_epoch=len(train_loader), seed=0, model_ema=model_ema)
+    assert evaluated == [model, model_ema.module] * 2
+    assert best == (60.0, 1)
+    best_file = read_training_checkpoint(str(tmp_path / 'model_best.pth.tar'))
+    assert (best_file['epoch'], best_file['metric'], best_file['best_metric']) == (1, 60.0, 60.0)
+    assert set(best_file['state_dict_ema']) == set(best_file['state_dict']) == {'weight', 'bias'}
+    assert not torch.equal(best_file['state_dict_ema']['weight'], best_file['state_dict']['weight'])
+    assert [p.name for p in tmp_path.glob('checkpoint-*.pth.tar')] == ['checkpoint-1.pth.tar']  # ranked by EMA
+    with open(tmp_path / 'summary.csv', newline='') as f:
+        assert [row['eval_top1'] for row in csv.DictReader(f)] == ['10.0000', '60.0000']
+    assert "the EMA weights' Acc@1 ranks the checkpoints" in caplog.text

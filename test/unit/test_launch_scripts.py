@@ -166,7 +166,8 @@ def test_port_defaults_reach_main_py(repo):
     call = main_call(repo)
     assert call[0] == "main.py"  # run directly, not under torchrun
     assert option(call, "--model") == "van_base" and option(call, "-b") == "128"
-    assert option(call, "--lr") == "1e-3" and option(call, "--drop-path") == "0.1"
+    # lr and drop path are main.py's recipe (per global batch, per variant): the scripts pass none.
+    assert not [a for a in call if a.startswith(("--lr", "--drop-path"))]
     assert option(call, "--epochs") == "1" and option(call, "--cooldown-epochs") == "0"  # one epoch in all
     assert option(call, "--device") == "auto"
     assert "--amp" in call and "--eval" not in call and "-j" not in call
@@ -190,6 +191,47 @@ def test_options_pass_through_and_override_defaults(repo):
     assert values["TrainAccuracy"] == "55.278" and values["BatchSize"] == "32"
     assert "Final Train Accuracy : 55.278" in result.stdout
     assert (repo.parent / "fake" / "env.txt").read_text().strip() == "CUDA_VISIBLE_DEVICES=5"
+
+
+def resolved_by_main_py(call):
+    """(lr, drop path, world size) that main.py resolves from a recorded script call."""
+    import main
+    start = call.index("main.py")
+    world_size = 1
+    if start:  # under torchrun: processes per node x nodes
+        launcher = dict(a[2:].split("=", 1) for a in call[:start] if a.startswith("--") and "=" in a)
+        world_size = int(launcher["nproc_per_node"]) * int(launcher.get("nnodes", 1))
+    args = main.parse_args(call[start + 1:])
+    line = main.resolve_recipe(args, world_size)
+    assert f"world size {world_size}, global batch {args.batch_size * world_size} " in line
+    return args.lr, args.drop_path, world_size
+
+
+@pytest.mark.parametrize("model, drop_path", [("van_b0", 0.1), ("van_b1", 0.1), ("van_b2", 0.1), ("van_b3", 0.2),
+                                               ("van_base", 0.1)])
+def test_scripts_train_with_the_recipe_lr_per_global_batch_and_drop_path_per_variant(repo, model, drop_path):
+    runs = [("train_full_1p.sh", [], 1), ("train_performance_1p.sh", [], 1), ("train_finetune_1p.sh", None, 1),
+            ("train_full_8p.sh", [], 8), ("train_full_8p.sh", ["--nproc=2"], 2),
+            ("train_performance_8p.sh", ["--nproc=1"], 1), ("train_performance_8p.sh", [], 8)]
+    ckpt = str(repo.parent / "fake" / "ckpt.pth.tar")
+    for script, extra, world_size in runs:
+        extra = [f"--pth_path={ckpt}"] if extra is None else extra
+        calls_file = repo.parent / "fake" / "calls.txt"
+        calls_file.unlink(missing_ok=True)
+        result = run_script(repo, script, "--data_path=data/digits", f"--model={model}", *extra)
+        assert result.returncode == 0, result.stderr
+        # 1e-3 belongs to the reference's 8 x 128 = 1024 images per step, and scales with the global batch.
+        assert resolved_by_main_py(main_call(repo)) == (pytest.approx(1e-3 * world_size / 8), drop_path, world_size), \
+            script
+
+
+def test_a_given_lr_and_drop_path_pass_through_to_main_py(repo):
+    result = run_script(repo, "train_full_8p.sh", "--data_path=data/digits", "--nproc=2", "--lr=2e-3",
+                        "--drop-path", "0.3")
+    assert result.returncode == 0, result.stderr
+    call = main_call(repo)
+    assert "--lr=2e-3" in call and option(call, "--drop-path") == "0.3"
+    assert resolved_by_main_py(call) == (2e-3, 0.3, 2)
 
 
 def test_options_with_several_values_pass_through_whole(repo):

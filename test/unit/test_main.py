@@ -13,11 +13,13 @@ import torch
 import yaml
 
 import main
+import models
 from models.weights import safe_load
 
 # Small and fast: 32x32 images, batch 8, no augmentation that would slow learning on 48 images.
+# --lr-base-size 8: the recipe's lr 1e-3 belongs to a global batch of 8 here (1024 in the recipe).
 FAST = ['--model', 'van_b0', '--img-size', '32', '-b', '8', '--warmup-epochs', '0', '--cooldown-epochs', '0',
-        '--log-interval', '2', '-j', '0']
+        '--log-interval', '2', '-j', '0', '--lr-base-size', '8']
 EASY = ['--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0', '--color-jitter', '0']
 
 TRAIN_LINE = re.compile(r'^Train: (\d+) \[\s*(\d+)/\s*(\d+) \(\s*\d+%\)\]  Loss: ([\d.]+) \(([\d.]+)\)  '
@@ -93,12 +95,14 @@ def test_run_dir_has_summary_args_and_checkpoints(trained_run):
     assert float(rows[-1][4]) == pytest.approx(float(EVAL_END.findall(log)[-1][0]), abs=1e-3)
     args = yaml.safe_load((run_dir / 'args.yaml').read_text())
     assert args['epochs'] == 3 and args['img_size'] == 32 and args['model'] == 'van_b0'
+    assert (args['lr'], args['drop_path']) == (1e-3, 0.1)  # what the run used, not the unset options
     checkpoint = safe_load(run_dir / 'last.pth.tar')
     for key in ('epoch', 'arch', 'state_dict', 'optimizer', 'scheduler', 'version', 'args', 'metric',
                 'class_to_idx'):
         assert key in checkpoint, key
     assert checkpoint['epoch'] == 2 and checkpoint['arch'] == 'van_b0'
     assert isinstance(checkpoint['args'], dict) and checkpoint['args']['batch_size'] == 8
+    assert (checkpoint['args']['lr'], checkpoint['args']['drop_path']) == (1e-3, 0.1)
     assert checkpoint['class_to_idx'] == {'circle_red': 0, 'cross_yellow': 1, 'square_green': 2, 'triangle_blue': 3}
     assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
     assert {p.name for p in run_dir.glob('checkpoint-*.pth.tar')} == {'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar',
@@ -157,7 +161,7 @@ def test_torchrun_two_processes_count_every_val_image_once(shapes_dataset, tmp_p
                        '--output', tmp_path, '--experiment', 'ddp', '--log-interval', '1'],
                       subprocess_env, repo_root, launcher=torchrun)
     assert_ok(result)
-    assert 'world size 2' in result.stdout
+    assert 'world size 2, global batch 16 (2 x 8), lr 0.002 (--lr-base 0.001 x 16 / 8)' in result.stdout
     (_, _, _, images), = EVAL_END.findall(result.stdout)
     assert int(images) == 19  # odd: a padded sampler would report 20
     assert len(TRAIN_LINE.findall(result.stdout)) == 2, 'rank 0 only logs'
@@ -244,12 +248,83 @@ def test_yaml_config_with_an_unknown_key_fails(tmp_path, capsys):
 
 def test_defaults_are_the_reference_recipe():
     args = main.parse_args(['--data_path', 'd'])
-    assert (args.opt, args.lr, args.weight_decay, args.epochs, args.cooldown_epochs) == ('adamw', 1e-3, 0.05, 300, 10)
+    assert (args.opt, args.weight_decay, args.epochs, args.cooldown_epochs) == ('adamw', 0.05, 300, 10)
     assert (args.warmup_epochs, args.warmup_lr, args.min_lr) == (5, 1e-6, 1e-6)
     assert (args.aa, args.reprob, args.remode, args.mixup, args.cutmix) == ('rand-m9-mstd0.5-inc1', 0.25, 'pixel', 0.8, 1.0)
-    assert (args.smoothing, args.color_jitter, args.drop_path, args.seed) == (0.1, 0.4, 0.1, 42)
+    assert (args.smoothing, args.color_jitter, args.seed, args.batch_size) == (0.1, 0.4, 42, 128)
+    main.resolve_recipe(args, world_size=8)  # the reference's 8 processes x 128
+    assert (args.lr, args.drop_path) == (1e-3, 0.1)
     assert not args.amp and not args.model_ema and not args.compile and not args.channels_last
     assert main.parse_args(['d']).data_path == 'd'  # timm/reference-style positional root
+
+
+@pytest.mark.parametrize('world_size, argv, lr, source', [
+    (1, [], 1.25e-4, '--lr-base 0.001 x 128 / 1024'),
+    (2, [], 2.5e-4, '--lr-base 0.001 x 256 / 1024'),
+    (8, [], 1e-3, '--lr-base 0.001 x 1024 / 1024'),   # the reference: exactly its 1e-3
+    (8, ['-b', '64'], 5e-4, '--lr-base 0.001 x 512 / 1024'),
+    (2, ['--lr-base-scale', 'sqrt'], 5e-4, '--lr-base 0.001 x sqrt(256 / 1024)'),
+    (4, ['--lr-base', '4e-3', '--lr-base-size', '4096'], 5e-4, '--lr-base 0.004 x 512 / 4096'),
+    (1, ['--lr', '1e-3'], 1e-3, 'given'),
+    (8, ['--lr', '3e-4'], 3e-4, 'given'),
+])
+def test_lr_follows_the_global_batch_unless_given(world_size, argv, lr, source):
+    args = main.parse_args(['--data_path', 'd', *argv])
+    line = main.resolve_recipe(args, world_size)
+    assert args.lr == pytest.approx(lr, rel=1e-12)
+    global_batch = args.batch_size * world_size
+    assert f'world size {world_size}, global batch {global_batch} ({world_size} x {args.batch_size}), ' \
+           f'lr {lr:.6g} ({source})' in line
+
+
+@pytest.mark.parametrize('model, argv, rate, source', [
+    ('van_b0', [], 0.1, 'van_b0 recipe'), ('van_b1', [], 0.1, 'van_b1 recipe'),
+    ('van_b2', [], 0.1, 'van_b2 recipe'), ('van_b3', [], 0.2, 'van_b3 recipe'),
+    ('van_large', [], 0.2, 'van_large recipe'),  # older names: their variant's value
+    ('van_b3', ['--drop-path', '0.05'], 0.05, 'given'), ('van_b0', ['--drop-path', '0'], 0.0, 'given'),
+])
+def test_drop_path_per_variant_reaches_the_model(model, argv, rate, source):
+    args = main.parse_args(['--data_path', 'd', '--model', model, *argv])
+    assert f'drop path {rate:g} ({source})' in main.resolve_recipe(args, 1)
+    with torch.device('meta'):  # shapes only: van_b3 builds without memory
+        built = main.create_model(args, num_classes=10)
+    rates = [m.drop_prob for m in built.modules() if type(m).__name__ == 'DropPath']
+    depth = sum(models.VARIANTS[models.ALIASES.get(model, model)]['depths'])
+    if rate == 0:
+        assert rates == []
+    else:
+        # linear from 0 (first block, no DropPath) to the rate, used twice per block (attention and MLP)
+        assert len(rates) == depth - 1 and max(rates) == pytest.approx(rate)
+
+
+def test_timm_models_default_to_no_drop_path_and_every_variant_has_a_recipe_value():
+    import timm
+    with torch.device('meta'):
+        assert not [m for m in timm.create_model('van_b3').modules() if type(m).__name__ == 'DropPath']
+    assert set(models.RECIPE_DROP_PATH) == set(models.VARIANTS)
+    assert [models.recipe_drop_path(n) for n in ('van_tiny', 'van_small', 'van_base', 'van_large')] == [0.1, 0.1, 0.1, 0.2]
+
+
+def test_settings_line_comes_before_data_loading_and_an_unknown_model_fails_there(tmp_path, capsys):
+    missing = str(tmp_path / 'missing')
+    assert main.main(['--data_path', missing, '--model', 'van_b3', '--output', str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert 'settings: model van_b3, world size 1, global batch 128 (1 x 128), lr 0.000125 ' \
+           '(--lr-base 0.001 x 128 / 1024), drop path 0.2 (van_b3 recipe)' in out
+    assert 'does not exist' in err
+    assert main.main(['--data_path', missing, '--model', 'van_b9', '--output', str(tmp_path)]) == 2
+    assert "unknown model 'van_b9'" in capsys.readouterr().err
+
+
+def test_a_resumed_run_compares_the_effective_lr_with_its_checkpoint():
+    def saved(world_size, *argv):
+        args = main.parse_args(['--data_path', 'd', *argv])
+        main.resolve_recipe(args, world_size)
+        return main.schedule_options(main.plain_args(args))
+    # The same command keeps its schedule; the checkpoint holds the effective lr, never None.
+    assert saved(8) == saved(8) and saved(8)['lr'] == 1e-3
+    assert saved(8) == saved(8, '--lr', '1e-3') == saved(4, '-b', '256')  # same lr, however reached
+    assert saved(2) != saved(8)  # another global batch, another learning rate: the new schedule applies
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -259,6 +334,8 @@ def test_defaults_are_the_reference_recipe():
     (['--amp', '--opt-level', 'O2', '--amp-backend', 'native'], 'O1 only'),
     (['--amp', '--loss-scale', 'big'], '--loss-scale'),
     (['--epochs', '0'], '--epochs must be at least 1'),
+    (['--lr-base-size', '0'], '--lr-base-size must be at least 1'),
+    (['--lr-base-scale', 'log'], 'invalid choice'),
     ([], 'dataset root is required'),
 ])
 def test_invalid_combinations_fail_at_start(argv, message, capsys):
@@ -279,17 +356,23 @@ def test_amp_ema_channels_last_per_update_run_then_eval_with_pretrained(shapes_d
     out = capsys.readouterr().out
     assert code == 0, out
     assert 'backend=native, dtype=torch.bfloat16' in out
-    assert re.search(r'^EMA \* Acc@1 [\d.]+ Acc@5 [\d.]+ Loss [\d.]+ \(images 19\)$', out, re.M)
+    ema_top1, = re.findall(r'^EMA \* Acc@1 ([\d.]+) Acc@5 [\d.]+ Loss [\d.]+ \(images 19\)$', out, re.M)
+    (train_top1, *_), = EVAL_END.findall(out)  # the regular weights' evaluation
     checkpoint = safe_load(tmp_path / 'combo' / 'last.pth.tar')
     assert set(checkpoint['state_dict_ema']) == set(checkpoint['state_dict'])
     assert 'amp_scaler' not in checkpoint  # bfloat16 needs no loss scaling
+    # As the reference: the EMA weights' evaluation is the run's metric, and the log says so.
+    assert checkpoint['metric'] == pytest.approx(float(ema_top1), abs=1e-3)
+    assert "best metric: the EMA weights'" in out
+    assert BEST_LINE.search(out).group(1) == ema_top1
 
-    # The launch scripts evaluate with --pretrained: the models package reads the training checkpoint.
+    # The launch scripts evaluate with --pretrained: the models package reads the training checkpoint's
+    # regular weights (state_dict).
     code = main.main([*small, '--eval', '--pretrained', str(tmp_path / 'combo' / 'last.pth.tar')])
     out = capsys.readouterr().out
     assert code == 0
     (top1, _, _, images), = EVAL_END.findall(out)
-    assert int(images) == 19 and float(top1) == pytest.approx(checkpoint['metric'], abs=1e-3)
+    assert int(images) == 19 and float(top1) == pytest.approx(float(train_top1), abs=1e-3)
 
 
 def test_eval_resume_auto_without_a_checkpoint_says_where_it_looked(shapes_dataset, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Optimizer groups and the reference learning-rate schedule."""
+"""Optimizer groups, the learning rate per global batch and the reference learning-rate schedule."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import models  # noqa: F401
 import timm
 from utils import optim as optim_module
-from utils.optim import create_optimizer, create_scheduler
+from utils.optim import create_optimizer, create_scheduler, effective_lr
 
 
 def reference_lr(epoch, base=1e-3, epochs=300, warmup=5, warmup_lr=1e-6, min_lr=1e-6):
@@ -63,3 +63,20 @@ def test_schedule_per_update_option():
     assert optimizer.param_groups[0]['lr'] == pytest.approx(reference_lr(0.5, epochs=20, warmup=2))
     scheduler.step_update(100)
     assert optimizer.param_groups[0]['lr'] == pytest.approx(reference_lr(10, epochs=20, warmup=2))
+
+
+@pytest.mark.parametrize('processes, batch, expected', [(1, 128, 1.25e-4), (2, 128, 2.5e-4), (8, 128, 1e-3),
+                                                        (16, 128, 2e-3), (8, 32, 2.5e-4)])
+def test_lr_scales_linearly_with_the_global_batch(processes, batch, expected):
+    assert effective_lr(None, processes * batch) == pytest.approx(expected, rel=1e-12)
+    assert effective_lr(None, 8 * 128) == 1e-3  # exactly the reference's value at its 8 x 128
+
+
+def test_lr_sqrt_scaling_and_explicit_lr():
+    assert effective_lr(None, 256, lr_base_scale='sqrt') == pytest.approx(1e-3 * 0.5)
+    assert effective_lr(None, 4096, lr_base=2e-3, lr_base_size=1024, lr_base_scale='sqrt') == pytest.approx(4e-3)
+    assert effective_lr(5e-4, 128) == 5e-4 and effective_lr(5e-4, 1 << 20, lr_base_scale='sqrt') == 5e-4
+    with pytest.raises(ValueError, match='linear, sqrt'):
+        effective_lr(None, 128, lr_base_scale='log')
+    with pytest.raises(ValueError, match='must be positive'):
+        effective_lr(None, 128, lr_base_size=0)
