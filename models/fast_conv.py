@@ -35,6 +35,10 @@ On CPU there are two routes, chosen per call:
 
 The choices were measured on the 2-core AMD EPYC (AVX2) CPU this repository is developed on; the
 decision tables are next to `_BMM_MAX_AREA` (route 2) and `_native_ok` (route 1).
+
+Every route is entered through `conv2d_same`, a function wrapped for torch.fx (a tracer records one
+call of it and the traced graph runs every route as eager does) that TorchScript compiles to plain
+F.conv2d, since the routes are Python-only.
 """
 import functools
 import warnings
@@ -339,12 +343,6 @@ class _PointwiseConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-# The routes above are Python (autograd Functions, ctypes kernels): TorchScript cannot compile them,
-# so a scripted FastConv2d computes F.conv2d, exactly nn.Conv2d's result; `__prepare_scriptable__`
-# says so once per process.
-_told_about_scripting = False
-
-
 def _plain_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
                        depthwise: bool) -> torch.Tensor:
     padding = [dilation * (weight.shape[-2] // 2), dilation * (weight.shape[-1] // 2)]
@@ -366,6 +364,12 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return F.gelu(y) if gelu else y
     else:
         return _conv2d_same_eager(x, weight, bias, dilation, depthwise, gelu)
+
+
+# The routes are Python (autograd Functions, ctypes kernels): TorchScript cannot compile them, so a
+# scripted FastConv2d computes F.conv2d, nn.Conv2d's result; `FastConv2d.__prepare_scriptable__` says
+# so once per process.
+_told_about_scripting = False
 
 
 def _conv2d_same_eager(x, weight, bias, dilation, depthwise, gelu):

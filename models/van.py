@@ -53,10 +53,11 @@ _AUTO_LKA_IMPL = 'plain'
 def register_lka_impl(name: str, conv_cls: Callable[..., nn.Conv2d], use_for_auto: bool = False) -> None:
     """Make `lka_impl=name` build the block's convolutions with `conv_cls` (same signature as nn.Conv2d).
 
-    A class is a convolution to the outside: torch.fx tracers through timm (features_only with
-    feature_cls='fx', timm's FX helpers) keep it a leaf module, as they do nn.Conv2d. What cannot be
-    compiled by TorchScript or traced otherwise, the class handles itself (FastConv2d: a scripted copy
-    computes F.conv2d, see its `__prepare_scriptable__`; a tracer walking into it sees one function).
+    To the outside the class is a convolution: timm's torch.fx tracers (features_only with
+    feature_cls='fx', timm.layers.create_feature_extractor) keep it a leaf module, as they keep
+    nn.Conv2d. Whatever TorchScript or a tracer walking into it cannot handle, the class settles itself
+    (FastConv2d: scripted, it computes F.conv2d and says so once in `__prepare_scriptable__`; traced,
+    it is one wrapped function call).
     """
     global _AUTO_LKA_IMPL
     if name == 'auto':
@@ -237,7 +238,7 @@ class BlockSequence(nn.Sequential):
 # Model
 # ---------------------------------------------------------------------------------------------
 class VAN(nn.Module):
-    """Visual Attention Network: four stages of (patch embedding, blocks, LayerNorm), average pool, head.
+    """Visual Attention Network: four stages of (patch embedding, blocks, LayerNorm), pooling, head.
 
     Args:
         embed_dims, depths, mlp_ratios: the four stages' widths, block counts and MLP expansions

@@ -287,5 +287,6 @@ def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 
             fix = f'use the dataset the weights were trained on (or --num-classes {file_classes})'
         if require_head:
             raise ValueError(f'{source} {mismatch}: evaluating a freshly initialised head is meaningless; {fix}')
-        _logger.info(f'{source} {mismatch}; keeping a freshly initialised head')
+        _logger.info(f'{source} {mismatch}; ' + ('keeping a freshly initialised head' if model_head else
+                                                 'the model has no head (features only)'))
     model.load_state_dict({**state_dict, **({} if head_fits else model_head)}, strict=True)

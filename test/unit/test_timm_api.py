@@ -119,6 +119,10 @@ def test_weights_for_another_pooling_keep_a_fresh_head_and_say_why(caplog):
     assert "avg.pth has a head over 256 features but the model's pooling gives 512" in caplog.text
     with pytest.raises(ValueError, match='build the model with the global_pool the weights were trained with'):
         load_weights(model, weights, 'van_b0', source='avg.pth', require_head=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='models.weights'):
+        load_weights(_model(num_classes=0, global_pool=''), weights, 'van_b0', source='avg.pth')
+    assert 'has a head for 10 classes but the model has 0; the model has no head (features only)' in caplog.text
 
 
 def test_new_head_follows_the_model_dtype():
