@@ -8,15 +8,17 @@ arithmetic is the reference's so their outputs are reproduced to float rounding.
 Every variant is one row of `VARIANTS`; `ALIASES` keeps the older names (van_tiny ... van_large).
 Registration with timm lives in `models/__init__.py`, weight files in `models/weights.py`.
 """
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, trunc_normal_
-from timm.models import checkpoint_seq
+from timm.layers import DropPath, SelectAdaptivePool2d, trunc_normal_
+from timm.models import checkpoint_seq, register_notrace_module
+from timm.models._features import feature_take_indices  # timm's own models import it from there
 
-__all__ = ['VAN', 'VARIANTS', 'RECIPE_DROP_PATH', 'ALIASES', 'register_lka_impl', 'resolve_lka_impl', 'lka_impls']
+__all__ = ['VAN', 'VARIANTS', 'RECIPE_DROP_PATH', 'ALIASES', 'GLOBAL_POOL_TYPES', 'register_lka_impl', 'resolve_lka_impl',
+           'lka_impls']
 
 # name: (embed dims, depths, MLP ratios) of the four stages.
 VARIANTS: Dict[str, dict] = {
@@ -42,6 +44,12 @@ RECIPE_DROP_PATH: Dict[str, float] = {
 # Names of the first release; the Ascend ModelZoo scripts train `van_base`.
 ALIASES: Dict[str, str] = {'van_tiny': 'van_b0', 'van_small': 'van_b1', 'van_base': 'van_b2', 'van_large': 'van_b3'}
 
+NUM_STAGES = 4
+
+# Pooling before the head (timm's SelectAdaptivePool2d types); '' keeps the feature map.
+GLOBAL_POOL_TYPES = ('', 'avg', 'max', 'avgmax', 'catavgmax')
+_FAST_POOL_TYPES = ('fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax')  # timm's names of the same pools
+
 
 # ---------------------------------------------------------------------------------------------
 # Convolution implementations of the block's depthwise/pointwise convs, chosen by `lka_impl`.
@@ -54,11 +62,20 @@ _AUTO_LKA_IMPL = 'plain'
 
 
 def register_lka_impl(name: str, conv_cls: Callable[..., nn.Conv2d], use_for_auto: bool = False) -> None:
-    """Make `lka_impl=name` build the block's convolutions with `conv_cls` (same signature as nn.Conv2d)."""
+    """Make `lka_impl=name` build the block's convolutions with `conv_cls` (same signature as nn.Conv2d).
+
+    To the outside the class is a convolution: timm's torch.fx tracers (features_only with
+    feature_cls='fx', timm.layers.create_feature_extractor) keep it a leaf module, as they keep
+    nn.Conv2d. Whatever TorchScript or a tracer walking into it cannot handle, the class settles itself
+    (FastConv2d: scripted, it computes F.conv2d and says so once in `__prepare_scriptable__`; traced,
+    it is one wrapped function call).
+    """
     global _AUTO_LKA_IMPL
     if name == 'auto':
         raise ValueError("'auto' is reserved: it resolves to the preferred registered implementation")
     _LKA_IMPLS[name] = conv_cls
+    if isinstance(conv_cls, type) and conv_cls is not nn.Conv2d:
+        register_notrace_module(conv_cls)
     if use_for_auto:
         _AUTO_LKA_IMPL = name
 
@@ -87,16 +104,36 @@ class OverlapPatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=patch_size // 2)
         self.norm = nn.BatchNorm2d(embed_dim)
-
-    # Set on the first embedding of a 'fast' model: on CPU the whole network runs faster in
-    # channels_last (measured; models/fast_conv.py) and every layer keeps that format, so the input
-    # is converted once, here, where timm's feature extractor passes too.
-    channels_last_on_cpu = False
+        # Set on the first embedding of a 'fast' model: on CPU the whole network runs faster in
+        # channels_last (measured; models/fast_conv.py) and every layer keeps that format, so the input
+        # is converted once, here, where timm's feature extractor passes too.
+        self.channels_last_on_cpu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last_on_cpu and x.device.type == 'cpu':
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last_on_cpu:
+            x = channels_last_on_cpu(x)
         return self.norm(self.proj(x))
+
+
+# The layout decisions below depend on the tensor (its device, its strides). Wrapped for torch.fx, each
+# is one call in a traced graph, evaluated when the graph runs, instead of a branch a tracer cannot take.
+@torch.fx.wrap
+def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """x in channels_last if it is on the CPU, else x."""
+    if x.device.type == 'cpu':
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.fx.wrap
+def channel_layer_norm(x: torch.Tensor, normalized_shape: List[int], weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """LayerNorm over the channels of an NCHW map; the result has the memory format of x."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    x = F.layer_norm(x.permute(0, 2, 3, 1), normalized_shape, weight, bias, eps).permute(0, 3, 1, 2)
+    if channels_last:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
 
 
 class LKA(nn.Module):
@@ -152,9 +189,10 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        conv = self.dwconv.dwconv
-        if hasattr(conv, 'forward_gelu') and isinstance(self.act, nn.GELU) and self.act.approximate == 'none':
-            x = conv.forward_gelu(x)  # FastConv2d: the same GELU(dwconv(x)), fused on CPU
+        # Decided by the modules alone (TorchScript evaluates hasattr/isinstance when compiling).
+        if hasattr(self.dwconv.dwconv, 'forward_gelu') and isinstance(self.act, nn.GELU) \
+                and self.act.approximate == 'none':
+            x = self.dwconv.dwconv.forward_gelu(x)  # FastConv2d: the same GELU(dwconv(x)), fused on CPU
         else:
             x = self.act(self.dwconv(x))
         return self.drop(self.fc2(self.drop(x)))
@@ -188,28 +226,49 @@ class ChannelLayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        memory_format = torch.channels_last if (
-            x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) else torch.contiguous_format
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+        return channel_layer_norm(x, list(self.normalized_shape), self.weight, self.bias, self.eps)
+
+
+class BlockSequence(nn.Sequential):
+    """The blocks of one stage (state-dict names `block{i}.{j}` as the reference's ModuleList), run in
+    order, with gradient checkpointing when `grad_checkpointing` is set."""
+
+    def __init__(self, *blocks: nn.Module):
+        super().__init__(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self, x)
+        for block in self:
+            x = block(x)
+        return x
 
 
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
 class VAN(nn.Module):
-    """Visual Attention Network: four stages of (patch embedding, blocks, LayerNorm), average pool, head.
+    """Visual Attention Network: four stages of (patch embedding, blocks, LayerNorm), pooling, head.
 
     Args:
         embed_dims, depths, mlp_ratios: the four stages' widths, block counts and MLP expansions
             (one row of `VARIANTS`).
         in_chans: input channels.
-        num_classes: classes of the Linear head; 0 builds no head (`forward` returns pooled features).
+        num_classes: classes of the Linear head `head`; 0 builds no head (`forward` returns the pooled
+            features, or with `global_pool=''` the final feature map).
         drop_rate: dropout inside every MLP (where the reference applies its `drop_rate`).
         drop_path_rate: stochastic depth of the last block; it rises linearly from 0 over all blocks.
         lka_impl: implementation of the block's depthwise and LKA convolutions: 'plain' (nn.Conv2d,
             the reference), any name added by `register_lka_impl`, or 'auto' (the preferred one).
-        global_pool: only 'avg' (the reference's mean over positions); accepted for timm's API.
+        global_pool: pooling before the head, one of `GLOBAL_POOL_TYPES`: 'avg' (the reference's mean
+            over positions), 'max', 'avgmax' (their mean), 'catavgmax' (both, concatenated: the head
+            sees twice the channels), or '' (none: only with num_classes=0).
+
+    timm's model API: `forward_features` (final map), `forward_head(x, pre_logits)`,
+    `forward_intermediates` / `prune_intermediate_layers` (the four stages' maps, each after its
+    LayerNorm), `reset_classifier`, `set_grad_checkpointing`; the model compiles with TorchScript and
+    traces with torch.fx.
     """
 
     def __init__(
@@ -225,15 +284,14 @@ class VAN(nn.Module):
             global_pool: str = 'avg',
     ):
         super().__init__()
-        if not len(embed_dims) == len(depths) == len(mlp_ratios):
-            raise ValueError('embed_dims, depths and mlp_ratios need one entry per stage')
-        _check_global_pool(global_pool)
+        if not len(embed_dims) == len(depths) == len(mlp_ratios) == NUM_STAGES:
+            raise ValueError(f'VAN has {NUM_STAGES} stages: embed_dims, depths and mlp_ratios need one entry each')
+        _check_head(num_classes, global_pool)
         self.lka_impl = resolve_lka_impl(lka_impl)
         conv_cls = _LKA_IMPLS[self.lka_impl]
         self.num_classes = num_classes
-        self.num_stages = len(depths)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.global_pool = global_pool
+        self.num_stages = NUM_STAGES  # fewer after prune_intermediate_layers
+        self.num_features = embed_dims[-1]
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.feature_info = []
@@ -244,16 +302,16 @@ class VAN(nn.Module):
             patch_size, stride = (7, 4) if i == 1 else (3, 2)
             reduction *= stride
             setattr(self, f'patch_embed{i}', OverlapPatchEmbed(prev_dim, dim, patch_size, stride))
-            # nn.Sequential (the reference uses a ModuleList) gives the same state-dict names and lets
-            # timm's feature extractor and checkpoint_seq run the stage as one module.
-            setattr(self, f'block{i}', nn.Sequential(*[
+            # An nn.Sequential (the reference uses a ModuleList) gives the same state-dict names and lets
+            # timm's feature extractor run the stage as one module.
+            setattr(self, f'block{i}', BlockSequence(*[
                 Block(dim, mlp_ratio, drop_rate, drop_path_rates[first_block + j], conv_cls) for j in range(depth)]))
             setattr(self, f'norm{i}', ChannelLayerNorm(dim, eps=1e-6))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'norm{i}'))
             prev_dim, first_block = dim, first_block + depth
 
         self.patch_embed1.channels_last_on_cpu = self.lka_impl == 'fast'
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._set_head(num_classes, global_pool)
         self.apply(_init_weights)
 
     @torch.jit.ignore
@@ -265,42 +323,123 @@ class VAN(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+        for i in range(1, NUM_STAGES + 1):
+            blocks = getattr(self, f'block{i}')
+            if isinstance(blocks, BlockSequence):  # not a pruned stage
+                blocks.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head with a freshly initialised one for `num_classes` (0: no head)."""
-        if global_pool is not None:
-            _check_global_pool(global_pool)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        """Replace the head with a freshly initialised one for `num_classes` (0: no head) and, if given,
+        the pooling (`global_pool`, see the class docstring; '' returns the unpooled map)."""
+        self._set_head(num_classes, self.global_pool.pool_type if global_pool is None else global_pool)
         self.head.apply(_init_weights)
+
+    def _set_head(self, num_classes: int, global_pool: str) -> None:
+        _check_head(num_classes, global_pool)
+        reference = next(self.parameters(), None)
+        factory = {} if reference is None else dict(device=reference.device, dtype=reference.dtype)
+        # timm's 'fast' pools are means/maxima over the positions, x.mean((2, 3)) for 'avg': the
+        # reference's own arithmetic, bit for bit (adaptive_avg_pool2d need not be).
+        self.global_pool = SelectAdaptivePool2d(
+            pool_type='fast' + global_pool if global_pool in GLOBAL_POOL_TYPES[1:] else global_pool,
+            flatten=bool(global_pool))
+        self.num_classes = num_classes
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **factory) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def _forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage `index` (0-3): patch embedding, blocks, LayerNorm. Spelled out because TorchScript
+        cannot look modules up by a computed name, and the reference names are kept."""
+        if index == 0:
+            return self.norm1(self.block1(self.patch_embed1(x)))
+        if index == 1:
+            return self.norm2(self.block2(self.patch_embed2(x)))
+        if index == 2:
+            return self.norm3(self.block3(self.patch_embed3(x)))
+        return self.norm4(self.block4(self.patch_embed4(x)))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final feature map (N, C4, H/32, W/32), after the last stage's LayerNorm."""
-        for i in range(1, self.num_stages + 1):
-            x = getattr(self, f'patch_embed{i}')(x)
-            blocks = getattr(self, f'block{i}')
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(blocks, x)
-            else:
-                x = blocks(x)
-            x = getattr(self, f'norm{i}')(x)
+        for i in range(self.num_stages):
+            x = self._forward_stage(i, x)
         return x
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The stages' feature maps as timm's models give them, and the final map.
+
+        Args:
+            x: input images.
+            indices: stages to return (0-3): the last n if an int, those listed (negative counts
+                from the end) if a sequence, all if None.
+            norm: accepted for timm's API; every map is already after its stage's LayerNorm (the
+                reference normalises each stage's output before the next stage).
+            stop_early: stop after the last stage asked for (the final map is then that stage's).
+            output_fmt: 'NCHW' only.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The list of maps, or (final map, list of maps); the final map is `forward_features(x)`.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError('VAN gives its feature maps in NCHW only (output_fmt=\'NCHW\')')
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        intermediates: List[torch.Tensor] = []
+        for i in range(max_index + 1 if stop_early else self.num_stages):
+            x = self._forward_stage(i, x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last one in `indices` (and the head, if `prune_head` or stages
+        went); return the stage indices kept. `prune_norm` changes nothing: each stage's LayerNorm
+        belongs to the map `forward_intermediates` returns for it."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 2, NUM_STAGES + 1):
+            for name in (f'patch_embed{i}', f'block{i}', f'norm{i}'):
+                setattr(self, name, nn.Identity())
+        pruned_end = max_index < self.num_stages - 1
+        self.num_stages = max_index + 1
+        if pruned_end:
+            self.num_features = self.feature_info[max_index]['num_chs']
+        if prune_head or pruned_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))
+        x = self.global_pool(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
-def _check_global_pool(global_pool: str) -> None:
-    if global_pool != 'avg':
-        raise ValueError(f"VAN pools by averaging only; global_pool must be 'avg', got {global_pool!r}")
+def _check_head(num_classes: int, global_pool: str) -> None:
+    if global_pool not in GLOBAL_POOL_TYPES and global_pool not in _FAST_POOL_TYPES:
+        raise ValueError(f'global_pool must be one of {", ".join(map(repr, GLOBAL_POOL_TYPES))}, got {global_pool!r}')
+    if num_classes > 0 and not global_pool:
+        raise ValueError(f"global_pool='' (no pooling) needs num_classes=0: the head classifies pooled "
+                         f"features, got num_classes={num_classes}")
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -277,11 +277,16 @@ def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 
         state_dict.update(file_head)
     elif model_head or file_head:
         file_classes = file_head['head.weight'].shape[0] if 'head.weight' in file_head else 0
+        model_classes = getattr(model, 'num_classes', 0)
+        if file_classes == model_classes and 'head.weight' in model_head:  # same classes, other pooling
+            mismatch = (f'has a head over {file_head["head.weight"].shape[1]} features but the model\'s pooling '
+                        f'gives {model_head["head.weight"].shape[1]}')
+            fix = 'build the model with the global_pool the weights were trained with'
+        else:
+            mismatch = f'has a head for {file_classes} classes but the model has {model_classes}'
+            fix = f'use the dataset the weights were trained on (or --num-classes {file_classes})'
         if require_head:
-            raise ValueError(f'{source} has a head for {file_classes} classes but the model has '
-                             f'{getattr(model, "num_classes", 0)}: evaluating a freshly initialised head is '
-                             f'meaningless; use the dataset the weights were trained on (or --num-classes '
-                             f'{file_classes})')
-        _logger.info(f'{source}: head for {file_classes} classes, model for {getattr(model, "num_classes", 0)}; '
-                     f'keeping a freshly initialised head')
+            raise ValueError(f'{source} {mismatch}: evaluating a freshly initialised head is meaningless; {fix}')
+        _logger.info(f'{source} {mismatch}; ' + ('keeping a freshly initialised head' if model_head else
+                                                 'the model has no head (features only)'))
     model.load_state_dict({**state_dict, **({} if head_fits else model_head)}, strict=True)

@@ -60,10 +60,13 @@ def test_fixture_checkpoint_loads_strictly_by_reference_names(reference):
     assert set(model.state_dict()) == set(state_dict)
 
 
-# The plain path does the reference's arithmetic in the reference's order. The fast path (channels_last
-# GEMMs, native depthwise kernels with GELU fused) sums in other orders: measured 8e-6 (PyTorch's
-# kernels) to 1.03e-5 (native) on features of magnitude up to 1.9, hence a relative term there.
-@pytest.mark.parametrize('lka_impl, atol, rtol', [('plain', 1e-6, 0), ('fast', 1e-5, 1e-5)])
+# The plain path does the reference's arithmetic in the reference's order: on the CPU family the
+# fixtures were computed on (AVX2) it matches them to 1e-6. oneDNN's float32 kernels for other CPUs sum
+# in other orders (AVX-512/AMX Xeon, torch 2.14.1: 1.7e-6 on logits, 8.3e-6 on features), and so does
+# the fast path (channels_last GEMMs, native depthwise kernels with GELU fused: 8e-6 to 1.03e-5 on
+# features of magnitude up to 1.9, hence a relative term there). Both therefore hold the fixtures'
+# stated tolerance, about 1e-5 absolute (shared/fixtures/README.md), on any CPU.
+@pytest.mark.parametrize('lka_impl, atol, rtol', [('plain', 1e-5, 1e-5), ('fast', 1e-5, 1e-5)])
 def test_reproduces_reference_logits_and_features(reference, lka_impl, atol, rtol):
     checkpoint, io = reference
     model = timm.create_model('van_b0', pretrained=True, num_classes=10, lka_impl=lka_impl,
@@ -130,7 +133,9 @@ def test_arguments_the_model_would_ignore_are_refused():
     with pytest.raises(TypeError):
         timm.create_model('van_b0', img_size=384)
     with pytest.raises(ValueError, match='global_pool'):
-        timm.create_model('van_b0', global_pool='max')
+        timm.create_model('van_b0', global_pool='token')
+    with pytest.raises(ValueError, match='VAN has 4 stages'):
+        VAN(embed_dims=(32, 64, 160), depths=(1, 1, 1), mlp_ratios=(4, 4, 4))
 
 
 def test_pretrained_without_a_file_says_how_to_pass_one():
