@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import find_classes
 
 from utils.images import RobustImageFolder, SkipCounter, collate_samples
+from utils.preemption import leave_stop_signals_to_parent
+from utils.rng_state import torch_seed
 from utils.sampler import ResumableSampler
 
 VAL_DIR_NAMES = ('val', 'validation')
@@ -94,7 +96,7 @@ class SeededPerImage(Dataset):
             saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(image_seed)
         np.random.seed(image_seed % 2**32)
-        torch.manual_seed(image_seed)
+        torch.manual_seed(torch_seed(image_seed))
         try:
             return self.dataset[index]
         finally:
@@ -181,7 +183,7 @@ def build_loaders(train_set: Optional[Dataset], val_set: Dataset, batch_size: in
     which also keeps Mixup's even-batch requirement) and an unpadded evaluation loader. Both yield
     (images, targets) and count the unreadable files of each pass in `.skipped` (utils.images)."""
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                  collate_fn=collate_samples)
+                  collate_fn=collate_samples, worker_init_fn=leave_stop_signals_to_parent if workers else None)
     train_loader = None
     if train_set is not None:
         per_rank = math.ceil(len(train_set) / world_size)
@@ -193,7 +195,7 @@ def build_loaders(train_set: Optional[Dataset], val_set: Dataset, batch_size: in
         # Worker seeds come from the loader's own generator, so starting an epoch does not advance the
         # global RNG that a mid-epoch resume restores (images are seeded by SeededPerImage anyway).
         train_loader = SkipCounter(DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                              generator=torch.Generator().manual_seed(seed), **common))
+                                              generator=torch.Generator().manual_seed(torch_seed(seed)), **common))
     val_loader = SkipCounter(DataLoader(val_set, batch_size=val_batch_size, shuffle=False, drop_last=False,
                                         sampler=ShardWithoutPadding(len(val_set), rank, world_size), **common))
     return train_loader, val_loader

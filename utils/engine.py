@@ -22,7 +22,7 @@ from utils.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (N
 from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequest, resume_step,
                               save_recovery_point, stop_requested)
 from utils.progress import progress
-from utils.rng_state import restore_rng_state
+from utils.rng_state import restore_rng_state, torch_seed
 
 # In a distributed run, how often (steps) the ranks agree on whether one of them received a stop
 # signal: each check makes all ranks wait for one another, so it is not done every step.
@@ -37,7 +37,7 @@ def set_seed(seed: int, epoch: int = 0, rank: int = 0) -> None:
     derived = (seed * 1_000_003 + epoch) * 1009 + rank
     random.seed(derived)
     np.random.seed(derived % 2**32)
-    torch.manual_seed(derived)
+    torch.manual_seed(torch_seed(derived))
 
 
 def _to_device(images, targets, device, channels_last):

@@ -17,6 +17,10 @@ Decisions (each one documented here because it changes the pixels the model sees
   default): bad, without decoding. No training image needs that many pixels (VAN trains on 224 px
   crops), such a file is usually an error or an attack, and decoding it costs gigabytes per worker.
   Users who really need huge images can raise `PIL.Image.MAX_IMAGE_PIXELS` (None disables it).
+- More elongated than MAX_ASPECT_RATIO : 1 (a 2,000,000 x 1 strip, a 2 KB PNG): bad, without decoding.
+  The pixel limit does not see what preprocessing will cost: the resize for the model scales the
+  shorter side to the input size (248 px for 224 inputs), which would make that strip 496 million
+  x 248 pixels, tens of GB. `check_image_size` is the rule; prediction (tools/predict.py) uses it too.
 """
 import logging
 import os
@@ -29,11 +33,17 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
+from utils.preemption import stop_signals_held
+
 _logger = logging.getLogger(__name__)
 
 # A substitute is looked for among the next samples of the (sorted) file list, which are usually
 # of the same class. This many unreadable files in a row means the dataset, not a file, is broken.
 MAX_CONSECUTIVE_BAD = 50
+
+# No photograph or scan is this elongated (even wide panoramas stay far below it); past it, resizing the shorter
+# side to the model input costs this many times the input's pixels or more.
+MAX_ASPECT_RATIO = 100
 
 _WHITE = (255, 255, 255)
 
@@ -70,6 +80,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_image_size(path: str, width: int, height: int) -> None:
+    """Raise BadImageError when preprocessing an image of this size would cost far more than the
+    image itself (see the module docstring); call it before decoding."""
+    if width < 1 or height < 1:
+        raise BadImageError(path, f"no pixels ({width} x {height})")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise BadImageError(path, f"{width} x {height} pixels is too elongated (aspect ratio {ratio:.0f}:1, more than "
+                                  f"{MAX_ASPECT_RATIO}:1): resizing its shorter side to the model input would make it "
+                                  f"{ratio:.0f} times the input's size; crop the file")
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode `path` fully and return it as an 8-bit RGB image; raise BadImageError if it cannot be used."""
     try:
@@ -79,6 +101,7 @@ def load_rgb(path: str) -> Image.Image:
             # Pillow only warns between 1x and 2x its pixel limit; treat both the same way.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                check_image_size(path, *img.size)
                 img.load()  # decode now, so truncation is found here and not inside a transform
                 return _to_rgb(img)
     except BadImageError:
@@ -201,7 +224,9 @@ class SkipCounter:
 
     def __iter__(self):
         self.skipped = 0
-        for batch in self.loader:
+        with stop_signals_held():  # workers may start now; see utils.preemption
+            batches = iter(self.loader)
+        for batch in batches:
             self.skipped += len(batch.bad_files)
             for bad_file in batch.bad_files:
                 if bad_file not in self._reported:  # a file is reported once per run, not once per epoch

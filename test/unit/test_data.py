@@ -88,3 +88,27 @@ def test_mixup_gives_soft_targets_and_soft_target_loss():
     assert build_mixup(0, 0, None, 1.0, 0.5, 'batch', 0.1, 4) is None
     assert type(build_train_criterion(None, 0.1)).__name__ == 'LabelSmoothingCrossEntropy'
     assert isinstance(build_train_criterion(None, 0.0), torch.nn.CrossEntropyLoss)
+
+
+@pytest.mark.parametrize('seed', [20240101, 2**63 - 1])
+def test_any_seed_a_user_types_trains(shapes_dataset, seed):
+    from utils.engine import set_seed
+    train_set, val_set, _ = build_datasets(str(shapes_dataset), CONFIG, dict(AUG), seed=seed)
+    train_loader, _ = build_loaders(train_set, val_set, 4, 4, 0, 0, 1, seed, False)
+    train_loader.sampler.set_epoch(299)
+    images, targets = next(iter(train_loader))
+    assert images.shape == (4, 3, 32, 32) and targets.shape == (4,)
+    set_seed(seed, epoch=299, rank=7)
+    assert not torch.equal(train_set[(3, 5)][0], train_set[(4, 5)][0])  # epochs still draw their own numbers
+
+
+def test_the_default_seed_draws_the_numbers_it_always_drew(shapes_dataset):
+    import random
+    import numpy as np
+    from utils.engine import set_seed
+    train_set, _, _ = build_datasets(str(shapes_dataset), CONFIG, dict(AUG), seed=42)
+    image_seed = (42 * 1_000_003 + 2) * 10_000_019 + 7  # how every run so far seeded image 7 in epoch 2
+    random.seed(image_seed), np.random.seed(image_seed % 2**32), torch.manual_seed(image_seed)
+    assert torch.equal(train_set.dataset[7][0], train_set[(2, 7)][0])
+    set_seed(42, epoch=3, rank=1)
+    assert torch.initial_seed() == (42 * 1_000_003 + 3) * 1009 + 1

@@ -48,6 +48,13 @@ def _bomb_png(width=30000, height=30000) -> bytes:
             + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
 
 
+def _thin_png(width=2_000_000, height=1) -> bytes:
+    """A 2 KB PNG of 2 MP that the eval resize (shorter side to 248 px) would make 496 million x 248."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def _write_usable_images(folder: Path):
     """Images that decode but are not 8-bit RGB; returns name -> expected RGB of pixel (0, 0)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,8 @@ def _write_bad_images(folder: Path):
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "text.png").write_text("this is not an image\n")
     (folder / "bomb.png").write_bytes(_bomb_png())
-    return ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "truncated.jpg"]
+    (folder / "thin.png").write_bytes(_thin_png())
+    return ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "thin.png", "truncated.jpg"]
 
 
 def test_usable_images_of_any_mode_become_8bit_rgb(tmp_path):
@@ -92,12 +100,21 @@ def test_usable_images_of_any_mode_become_8bit_rgb(tmp_path):
     assert red > 200 and green < 60 and blue < 60
 
 
-@pytest.mark.parametrize("name", ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "truncated.jpg"])
+@pytest.mark.parametrize("name", ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "thin.png", "truncated.jpg"])
 def test_unusable_image_raises_error_naming_the_file(tmp_path, name):
     _write_bad_images(tmp_path)
     with pytest.raises(BadImageError) as info:
         load_rgb(str(tmp_path / name))
     assert str(tmp_path / name) in str(info.value)
+
+
+def test_an_image_too_elongated_to_preprocess_is_bad_before_decoding(tmp_path):
+    (tmp_path / "thin.png").write_bytes(_thin_png())
+    assert len(_thin_png()) < 3000
+    with pytest.raises(BadImageError, match=r"2000000 x 1 pixels is too elongated \(aspect ratio 2000000:1"):
+        load_rgb(str(tmp_path / "thin.png"))
+    Image.new("RGB", (1000, 10)).save(tmp_path / "panorama.png")  # 100:1 is still an image
+    assert load_rgb(str(tmp_path / "panorama.png")).size == (1000, 10)
 
 
 def _image_folder(root: Path, bad_in: str = "b"):
@@ -265,6 +282,45 @@ def test_sigterm_and_sigint_become_a_stop_request_until_the_context_ends():
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_second_ctrl_c_does_not_interrupt_a_recovery_write():
+    with StopRequest() as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        with request.shielded():  # RecoveryPoints writes inside this
+            os.kill(os.getpid(), signal.SIGINT)
+        assert request.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # outside a write it still stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return torch.tensor([index])
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers tell who sent a signal with sigwaitinfo")
+def test_data_workers_leave_group_signals_to_the_main_process():
+    from utils.preemption import leave_stop_signals_to_parent, stop_signals_held
+    loader = DataLoader(_Numbers(), batch_size=4, num_workers=2, persistent_workers=True,
+                        worker_init_fn=leave_stop_signals_to_parent)
+    with stop_signals_held():
+        batches = iter(loader)
+    first = next(batches)
+    workers = [w.pid for w in batches._workers]
+    for name in ("TERM", "INT"):  # sent by another process, as a scheduler's killpg is
+        subprocess.run(["kill", f"-{name}", *map(str, workers)], check=True)
+    rest = list(batches)
+    assert torch.cat([first, *rest]).flatten().tolist() == list(range(64))
+    assert all(w.is_alive() for w in batches._workers)
+    # The main process still ends its workers (DataLoader's shutdown sends SIGTERM to laggards).
+    for worker in batches._workers:
+        worker.terminate()
+        worker.join(timeout=10)
+    assert not any(w.is_alive() for w in batches._workers)
 
 
 def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
@@ -442,6 +498,47 @@ def test_sigterm_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run
     assert not (tmp_path / 'cut' / 'recovery.pth.tar').exists()  # superseded by the epoch checkpoints
 
 
+def _stop_group_at(command, marker, signum, env):
+    """Run `command` in its own process group and signal the whole group (as a scheduler, torchrun or
+    Ctrl-C does) once a line starting with `marker` appears; returns (exit status, output)."""
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith(marker):
+                os.killpg(process.pid, signum)
+                break
+        lines += process.stdout.readlines()
+        return process.wait(timeout=300), ''.join(lines)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.slow
+def test_group_signals_with_data_workers_save_and_resume_exactly(shapes_dataset, tmp_path, subprocess_env):
+    common = ['--epochs', '2', '--max-steps-per-epoch', '4', '--drop-path', '0.1']
+    full = _run_main(_main_args(shapes_dataset, tmp_path, 'full', *common), subprocess_env)  # -j 0
+    assert full.returncode == 0, full.stderr
+    main = [sys.executable, str(REPO / 'main.py')]
+
+    # SIGTERM to the group with 2 persistent workers in epoch 0, SIGINT with 1 worker in epoch 1.
+    status, output = _stop_group_at(main + _main_args(shapes_dataset, tmp_path, 'cut', *common, '-j', '2'),
+                                    'Train: 0 [   2/', signal.SIGTERM, subprocess_env)
+    assert status == 128 + signal.SIGTERM and 'stopped by SIGTERM in epoch 0' in output, output
+    resume = _main_args(shapes_dataset, tmp_path, 'cut', *common, '--resume', 'auto', '-j', '1')
+    status, output = _stop_group_at(main + resume, 'Train: 1 [   2/', signal.SIGINT, subprocess_env)
+    assert status == 128 + signal.SIGINT and 'stopped by SIGINT in epoch 1' in output, output
+    assert 'Traceback' not in output and 'killed by signal' not in output
+    resumed = _run_main(resume, subprocess_env)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = _weights(tmp_path / 'full' / 'last.pth.tar'), _weights(tmp_path / 'cut' / 'last.pth.tar')
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 @pytest.mark.slow
 def test_sigkill_while_saving_leaves_only_complete_checkpoints_and_resume_finishes(shapes_dataset, tmp_path,
                                                                                     subprocess_env):
@@ -606,6 +703,24 @@ def test_torchrun_restart_after_a_killed_worker_resumes_from_the_last_recovery_p
     assert '*** Best metric' in restarted
     assert read_training_checkpoint(str(run_dir / 'last.pth.tar'))['epoch'] == 0
     assert not (run_dir / 'recovery.pth.tar').exists()
+
+
+@pytest.mark.slow
+def test_torchrun_stopped_by_a_group_signal_saves_and_says_so_in_one_line(shapes_dataset, tmp_path, subprocess_env):
+    from utils.checkpoint import read_training_checkpoint
+    args = _main_args(shapes_dataset, tmp_path, 'run', '--epochs', '2', '-b', '4', '--max-steps-per-epoch', '2',
+                      '--mixup', '0', '--cutmix', '0', '--device', 'cpu', '-j', '1', '--dist-timeout', '60')
+    torchrun = [sys.executable, str(REPO / 'tools' / 'torchrun.py'), '--standalone', '--nproc_per_node', '2',
+                str(REPO / 'main.py')]
+    status, output = _stop_group_at(torchrun + args, 'Train: 0 [   1/', signal.SIGTERM, subprocess_env)
+    assert status == 128 + signal.SIGTERM, output
+    assert 'stopped by SIGTERM after epoch 0' in output and 'torchrun: stopped by SIGTERM' in output
+    assert 'Traceback' not in output and 'killed by signal' not in output
+    assert read_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 0
+    resumed = subprocess.run(torchrun + args + ['--resume', 'auto'], cwd=REPO, env=subprocess_env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stdout + resumed.stderr
+    assert read_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 1
 
 
 def _copy_dataset(source: Path, target: Path) -> Path:
