@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.utils import distribute_bn
 
 from utils.device import DistEnv, all_reduce_sum, synchronize
+from utils.images import UnreadableDatasetError
 from utils.logger import AverageMeter, update_summary
 from utils.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: for main.py)
 from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequest, resume_step,
@@ -167,7 +168,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: Dis
     total_loss, top1, top5, images, skipped = sums.tolist()
     images, skipped = int(round(images)), int(round(skipped))
     if images == 0:
-        raise ValueError(f'the validation set has no readable image ({skipped} unreadable files skipped)')
+        raise UnreadableDatasetError('the validation set',
+                                     f'no image could be read ({skipped} unreadable files skipped)')
     metrics = dict(loss=total_loss / images, top1=100.0 * top1 / images, top5=100.0 * top5 / images,
                    images=images, skipped=skipped)
     # The count of unreadable files follows the accuracy only when there are some, so the line the

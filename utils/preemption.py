@@ -115,6 +115,8 @@ def leave_stop_signals_to_parent(worker_id: int = 0) -> None:
     """
     if not hasattr(signal, "sigwaitinfo"):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held while the worker started
         return
     # Blocked in every thread of the worker (threads inherit the mask), the signals wait for the
     # thread below, which learns who sent each one.

@@ -164,20 +164,28 @@ def test_evaluation_loader_counts_readable_images_once_and_skips_bad_ones(tmp_pa
     assert seen == len(dataset) - len(bad_names) and counted.skipped == len(bad_names)
 
 
-def test_strict_data_stops_at_the_first_bad_file_naming_it(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_strict_data_stops_at_the_first_bad_file_naming_it(tmp_path, workers):
     _image_folder(tmp_path)
     dataset = RobustImageFolder(str(tmp_path), transform=_to_tensor, strict=True)
-    with pytest.raises(BadImageError, match=r"b[/\\]bomb\.png.*--strict-data"):
-        for _ in DataLoader(dataset, batch_size=4, collate_fn=collate_samples):
+    loader = SkipCounter(DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=collate_samples))
+    with pytest.raises(BadImageError, match=r"^\S*b[/\\]bomb\.png: .*--strict-data") as info:
+        for _ in loader:
             pass
+    assert "Traceback" not in str(info.value)  # raised in this process, not wrapped by a worker
 
 
-def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path, workers):
+    from utils.images import UnreadableDatasetError
     _write_bad_images(tmp_path / "a")
     for i in range(60):
         (tmp_path / "a" / f"zero{i}.jpg").write_bytes(b"")
-    with pytest.raises(RuntimeError, match="unreadable images in a row"):
-        RobustImageFolder(str(tmp_path), transform=_to_tensor)[0]
+    dataset = RobustImageFolder(str(tmp_path), transform=_to_tensor)
+    loader = SkipCounter(DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=collate_samples))
+    with pytest.raises(UnreadableDatasetError, match=f"^{tmp_path}: 50 unreadable images in a row") as info:
+        next(iter(loader))
+    assert "Traceback" not in str(info.value)
 
 
 # ---------------------------------------------------------------- dataset layout
@@ -227,6 +235,38 @@ def test_bad_layout_gives_one_clear_message(tmp_path, fault, message):
         Image.new("RGB", (8, 8)).save(root / "train" / "stray.jpg")
     with pytest.raises(DatasetLayoutError, match=message):
         check_dataset_layout(None if root is None else str(root))
+
+
+def _images_in(folder: Path, count: int, color=(0, 0, 0)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (8, 8), color).save(folder / f"{i}.png")
+
+
+def test_links_are_followed_once_and_never_back_up(tmp_path):
+    root = tmp_path / "train"
+    _images_in(root / "a", 2)
+    _images_in(root / "b", 3)
+    _images_in(tmp_path / "elsewhere", 4)
+    (root / "a" / "here").symlink_to(".")  # a loop: the folder itself
+    (root / "a" / "up").symlink_to("..")  # a loop: train/, which holds a
+    (root / "a" / "more").symlink_to(tmp_path / "elsewhere")  # another place: followed as always
+    (root / "b" / "again").symlink_to(tmp_path / "elsewhere")  # another class may link there too
+    (root / "b" / "x").mkdir()
+    (root / "b" / "y").symlink_to("x")  # the same folder twice: listed once
+    _images_in(root / "b" / "x", 1)
+    dataset = RobustImageFolder(str(root))
+    per_class = [sum(1 for _, target in dataset.samples if target == t) for t in (0, 1)]
+    assert dataset.classes == ["a", "b"] and per_class == [2 + 4, 3 + 4 + 1]
+    assert len({path for path, _ in dataset.samples}) == len(dataset.samples)
+    assert sorted(Path(p).name for p in dataset.looping_links) == ["here", "up", "y"]
+
+
+def test_a_split_with_links_back_up_passes_the_layout_check(tmp_path):
+    root = _layout(tmp_path)
+    (root / "train" / "a" / "up").symlink_to("..")
+    (root / "val" / "b" / "self").symlink_to(".")
+    assert check_dataset_layout(str(root)).classes == ["a", "b"]
 
 
 def test_evaluation_only_needs_the_validation_split(tmp_path):
@@ -304,11 +344,8 @@ class _Numbers(torch.utils.data.Dataset):
 
 @pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers tell who sent a signal with sigwaitinfo")
 def test_data_workers_leave_group_signals_to_the_main_process():
-    from utils.preemption import leave_stop_signals_to_parent, stop_signals_held
-    loader = DataLoader(_Numbers(), batch_size=4, num_workers=2, persistent_workers=True,
-                        worker_init_fn=leave_stop_signals_to_parent)
-    with stop_signals_held():
-        batches = iter(loader)
+    from utils.data import StopSignalSafeLoader
+    batches = iter(StopSignalSafeLoader(_Numbers(), batch_size=4, num_workers=2, persistent_workers=True))
     first = next(batches)
     workers = [w.pid for w in batches._workers]
     for name in ("TERM", "INT"):  # sent by another process, as a scheduler's killpg is
@@ -749,12 +786,26 @@ def test_run_with_bad_images_skips_reports_and_counts_them(shapes_dataset, tmp_p
     assert re.search(r'(train/circle_red|val/cross_yellow)/\S+: ', strict.stderr)
 
 
+@pytest.mark.slow
+def test_a_run_into_a_broken_stretch_of_data_stops_with_one_message(shapes_dataset, tmp_path, subprocess_env):
+    data = _copy_dataset(shapes_dataset, tmp_path / 'data')
+    for i in range(100):  # after the class's readable images: more than 50 unreadable ones in a row
+        (data / 'train' / 'circle_red' / f'zz{i:03d}.png').write_bytes(b'')
+    result = _run_main(_main_args(data, tmp_path, 'run', '--epochs', '1', '-j', '1'), subprocess_env)
+    assert result.returncode == 2, result.stderr
+    assert re.search(r'error: \S+train: 50 unreadable images in a row \(first: \S+circle_red/zz\d+\.png: empty file',
+                     result.stderr)
+    assert 'Traceback' not in result.stderr
+
+
 @pytest.mark.parametrize('fault, message', [
     ('missing', 'does not exist'),
     ('no_val', 'no val/ folder'),
     ('empty_class', 'hold no images: cross_yellow'),
     ('different_classes', r'only in train/: cross_yellow; only in val/: zebra'),
     ('files_in_train', 'holds files directly'),
+    ('class_linked_to_itself', r'cannot open \S+train/cross_yellow: Too many levels of symbolic links'),
+    ('unreadable_val', r'no image in \S+val can be read: all 2 image files fail \(first: \S+circle_red/000.png: '),
 ])
 def test_bad_layout_stops_main_before_the_model_is_built(make_dataset, tmp_path, capsys, monkeypatch, fault,
                                                          message):
@@ -772,13 +823,20 @@ def test_bad_layout_stops_main_before_the_model_is_built(make_dataset, tmp_path,
         os.rename(root / 'val' / 'cross_yellow', root / 'val' / 'zebra')
     elif fault == 'files_in_train':
         Image.new('RGB', (8, 8)).save(root / 'train' / 'stray.png')
+    elif fault == 'class_linked_to_itself':
+        shutil.rmtree(root / 'train' / 'cross_yellow')
+        (root / 'train' / 'cross_yellow').symlink_to('cross_yellow')
+    elif fault == 'unreadable_val':  # found now, not after a whole unsaved training epoch
+        for image in (root / 'val').glob('*/*.png'):
+            image.write_bytes(image.read_bytes()[:40])
 
     def fail(*args, **kwargs):
         raise AssertionError('the model was built before the dataset was checked')
     monkeypatch.setattr(main, 'create_model', fail)
     status = main.main(_main_args(root, tmp_path / 'out', 'run', '--epochs', '1'))
     error = capsys.readouterr().err
-    assert status == 2 and re.search(message, error) and 'Traceback' not in error
+    assert status == 2 and re.search(message, error) and 'Traceback' not in error, error
+    assert not (tmp_path / 'out' / 'run').exists()  # no empty run dir left behind
 
 
 def test_main_refuses_checkpoints_and_weights_whose_unpickling_runs_code(shapes_dataset, tmp_path, capsys):
