@@ -6,8 +6,13 @@ names the folder and says what the layout must be:
 
     DATA/train/<class>/<image>    DATA/val/<class>/<image>    (val/ may be named validation/)
 
-Only the first image of each class folder is looked for, so the check takes well under a second
-even on ImageNet's 1.28 million files.
+Only the first image of each class folder is looked for, and only the first image of each split is
+decoded (a split where none can be read would fail every evaluation), so the check takes well under
+a second even on ImageNet's 1.28 million files.
+
+This module also decides, for the check and for the dataset listing (utils.images.RobustImageFolder)
+alike, what the folders hold: hidden names are never classes or images, and links are followed
+without ever looping (`walk_folder`).
 """
 import os
 from pathlib import Path

@@ -248,8 +248,8 @@ def test_links_are_followed_once_and_never_back_up(tmp_path):
     _images_in(root / "a", 2)
     _images_in(root / "b", 3)
     _images_in(tmp_path / "elsewhere", 4)
-    (root / "a" / "here").symlink_to(".")  # a loop: the folder itself
     (root / "a" / "up").symlink_to("..")  # a loop: train/, which holds a
+    (root / "b" / "here").symlink_to(".")  # a loop: the folder itself
     (root / "a" / "more").symlink_to(tmp_path / "elsewhere")  # another place: followed as always
     (root / "b" / "again").symlink_to(tmp_path / "elsewhere")  # another class may link there too
     (root / "b" / "x").mkdir()
