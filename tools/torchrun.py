@@ -26,7 +26,7 @@ def main(argv=None) -> int:
         return 128 + int(stopped.sigval)
     except ChildFailedError as failed:
         _, first = failed.get_first_failure()
-        print(f'torchrun: {failed}', file=sys.stderr, flush=True)
+        print(f'torchrun: {str(failed).strip()}', file=sys.stderr, flush=True)
         return first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # -9: killed by SIGKILL
     return 0
 

@@ -760,6 +760,16 @@ def test_torchrun_stopped_by_a_group_signal_saves_and_says_so_in_one_line(shapes
     assert read_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 1
 
 
+@pytest.mark.slow
+def test_torchrun_for_the_launch_scripts_passes_a_user_error_on_without_a_traceback(tmp_path, subprocess_env):
+    command = [sys.executable, str(REPO / 'tools' / 'torchrun.py'), '--standalone', '--nproc_per_node', '2',
+               str(REPO / 'main.py'), '--data_path', str(tmp_path / 'nowhere'), '--device', 'cpu']
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert 'does not exist' in result.stderr and 'main.py FAILED' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
 def _copy_dataset(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
