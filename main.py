@@ -342,6 +342,10 @@ def run(args) -> None:
     dist_env = init_distributed_device(args.device, args.local_rank, args.dist_timeout)
     device = dist_env.device
     check_memory_format(device, args.channels_last)
+    # The dataset first: a layout error must not leave an empty run dir behind.
+    check_dataset_layout(args.data_path, need_train=not args.eval)
+    train_dir, _ = find_split_dirs(args.data_path)
+    classes = find_class_map(train_dir)
     run_dir = None if args.eval else resolve_run_dir(args)
     if run_dir and dist_env.is_main:
         check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
@@ -355,9 +359,6 @@ def run(args) -> None:
         with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
             yaml.safe_dump(plain_args(args), f, sort_keys=True)
 
-    check_dataset_layout(args.data_path, need_train=not args.eval)  # before anything expensive
-    train_dir, _ = find_split_dirs(args.data_path)
-    classes = find_class_map(train_dir)
     num_classes = args.num_classes or len(classes)
     if num_classes < len(classes):
         raise DatasetError(f'--num-classes {num_classes} is smaller than the {len(classes)} class folders '

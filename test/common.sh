@@ -208,7 +208,8 @@ prepare_run() {
 build_command() {
     main_cmd=("$PYTHON")
     if [[ $launch_mode == 8p ]]; then
-        main_cmd+=(-m torch.distributed.run --nproc_per_node="$nproc")
+        # torchrun itself, reporting a stop or a failed worker in one line instead of a traceback
+        main_cmd+=(tools/torchrun.py --nproc_per_node="$nproc")
         if (( nnodes == 1 )); then
             main_cmd+=(--standalone)   # picks a free port: several runs can share a machine
         else
@@ -299,6 +300,14 @@ report() {
     return 0
 }
 
+_resume_hint() {
+    if [[ $run_kind == eval ]]; then
+        echo "(main.py exit status $status); see $log_file"
+    else
+        echo "(main.py exit status $status); $run_dir keeps the point where it stopped: run this script again with the same arguments plus --experiment=$experiment --resume auto to continue (log: $log_file)"
+    fi
+}
+
 # launch <1p|8p> <perf|acc|eval> [script arguments...]: the whole script.
 launch() {
     parse_args "$@"
@@ -306,10 +315,22 @@ launch() {
     build_command
     echo "Running: ${main_cmd[*]}"
     echo "Log: $log_file"
-    local start_time status
+    local start_time status stop_signal=""
     start_time=$(date +%s)
-    "${main_cmd[@]}" 2>&1 | tee "$log_file"
+    # Schedulers, torchrun and Ctrl-C signal the whole process group. main.py then saves a recovery
+    # point and exits; this script waits for it (bash runs a trap only after the pipeline has ended)
+    # and tee ignores the signal, so the log keeps main.py's last lines.
+    trap 'stop_signal=SIGTERM' TERM
+    trap 'stop_signal=SIGINT' INT
+    "${main_cmd[@]}" 2>&1 | (trap '' TERM INT; exec tee "$log_file")
     status=${PIPESTATUS[0]}
+    trap - TERM INT
+    case $status in
+        0) stop_signal="" ;;  # it finished before the signal mattered
+        130) stop_signal=SIGINT ;;  # main.py and tools/torchrun.py report a stop with the signal's status
+        143) stop_signal=SIGTERM ;;
+    esac
+    [[ -n $stop_signal ]] && die "$(( $(kill -l "$stop_signal") + 128 ))" "stopped by $stop_signal $(_resume_hint)"
     (( status == 0 )) || die 1 "main.py exited with status $status; see $log_file (no summary written)"
     report $(( $(date +%s) - start_time ))
 }

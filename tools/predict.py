@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models.weights import UnsafeFileError  # noqa: E402
+from utils.images import BadImageError, check_image_size  # noqa: E402
 from utils.inference import load_model  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
@@ -67,7 +68,10 @@ def load_image(path):
     reason when it is no readable image."""
     try:
         with Image.open(path) as img:
+            check_image_size(str(path), *img.size)  # the training run's rule for what preprocessing may cost
             return img.convert('RGB')
+    except BadImageError as e:
+        raise ValueError(f'{path}: cannot read image ({e.reason})') from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f'{path}: cannot read image ({e})') from e
 

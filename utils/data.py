@@ -4,6 +4,7 @@ Training augmentation is made reproducible per image: the random state used to a
 epoch e depends only on (seed, e, i), so a resumed run, or a run with another number of workers,
 sees exactly the same images as an uninterrupted one, even with persistent workers.
 """
+import logging
 import math
 import os
 import random
@@ -15,9 +16,12 @@ import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets.folder import find_classes
 
+from utils.data_layout import class_folders
 from utils.images import RobustImageFolder, SkipCounter, collate_samples
+from utils.logger import LOGGER_NAME
+from utils.preemption import leave_stop_signals_to_parent, stop_signals_held
+from utils.rng_state import torch_seed
 from utils.sampler import ResumableSampler
 
 VAL_DIR_NAMES = ('val', 'validation')
@@ -94,7 +98,7 @@ class SeededPerImage(Dataset):
             saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(image_seed)
         np.random.seed(image_seed % 2**32)
-        torch.manual_seed(image_seed)
+        torch.manual_seed(torch_seed(image_seed))
         try:
             return self.dataset[index]
         finally:
@@ -142,18 +146,32 @@ class ShardWithoutPadding(Sampler):
 
 
 def find_class_map(train_dir: str) -> Dict[str, int]:
-    """Class folder -> index, as ImageFolder assigns them (sorted names), without listing images."""
-    try:
-        return find_classes(train_dir)[1]
-    except FileNotFoundError as error:
-        raise DatasetError(f'no class folders in {train_dir!r}: {error}') from None
+    """Class folder -> index, as RobustImageFolder assigns them (sorted names), without listing images."""
+    classes, _ = class_folders(train_dir)
+    if not classes:
+        raise DatasetError(f'no class folders in {train_dir!r}')
+    return {name: index for index, name in enumerate(classes)}
+
+
+def _report_left_out(folders, logger: logging.Logger) -> None:
+    """One line each for the hidden class-level folders and the looping links the listing left out."""
+    hidden = [os.path.join(f.root, name) for f in folders for name in f.hidden_folders]
+    if hidden:
+        logger.info(f'ignoring hidden folders (a name starting with "." is never a class): {", ".join(hidden[:5])}'
+                    + (f' and {len(hidden) - 5} more' if len(hidden) > 5 else ''))
+    loops = [link for f in folders for link in f.looping_links]
+    if loops:
+        logger.warning(f'not following {len(loops)} link(s) that lead back to a folder already listed or one above '
+                       f'it (each folder is listed once): {", ".join(loops[:5])}' + (' ...' if len(loops) > 5 else ''))
 
 
 def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, seed: int, with_train: bool = True,
                    strict_data: bool = False):
     """(train_set, val_set, class_to_idx); `train_aug` holds timm create_transform kwargs for training
     (auto_augment, re_prob, re_mode, re_count, color_jitter, interpolation). Without `with_train`
-    (evaluation) the training images are not listed, only its class folders, and train_set is None."""
+    (evaluation) the training images are not listed, only its class folders, and train_set is None.
+    Hidden folders and looping links left out of the listing are reported to the run's logger."""
+    logger = logging.getLogger(LOGGER_NAME)
     train_dir, val_dir = find_split_dirs(data_path)
     if not with_train:
         val_folder = _image_folder(val_dir, create_transform(
@@ -161,6 +179,7 @@ def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, see
             mean=data_config.mean, std=data_config.std, crop_pct=data_config.crop_pct), 'drop', strict_data)
         class_to_idx = find_class_map(train_dir)
         check_same_classes(class_to_idx, val_folder.class_to_idx, train_dir, val_dir)
+        _report_left_out([val_folder], logger)
         return None, val_folder, class_to_idx
     train_transform = create_transform(
         data_config.input_size, is_training=True, mean=data_config.mean, std=data_config.std, **train_aug)
@@ -172,7 +191,20 @@ def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, see
     train_folder = _image_folder(train_dir, train_transform, 'substitute', strict_data)
     val_folder = _image_folder(val_dir, val_transform, 'drop', strict_data)
     check_same_classes(train_folder.class_to_idx, val_folder.class_to_idx, train_dir, val_dir)
+    _report_left_out([train_folder, val_folder], logger)
     return SeededPerImage(train_folder, seed), val_folder, dict(train_folder.class_to_idx)
+
+
+class StopSignalSafeLoader(DataLoader):
+    """DataLoader whose worker processes leave SIGTERM/SIGINT sent to the whole process group to the
+    main process, which saves a recovery point before it stops (utils.preemption)."""
+
+    def __init__(self, dataset: Dataset, **kwargs):
+        super().__init__(dataset, worker_init_fn=leave_stop_signals_to_parent, **kwargs)
+
+    def __iter__(self):
+        with stop_signals_held():  # workers may start here; they inherit the held signals
+            return super().__iter__()
 
 
 def build_loaders(train_set: Optional[Dataset], val_set: Dataset, batch_size: int, val_batch_size: int,
@@ -194,10 +226,12 @@ def build_loaders(train_set: Optional[Dataset], val_set: Dataset, batch_size: in
             len(train_set), num_replicas=world_size, rank=rank, shuffle=True, seed=seed))
         # Worker seeds come from the loader's own generator, so starting an epoch does not advance the
         # global RNG that a mid-epoch resume restores (images are seeded by SeededPerImage anyway).
-        train_loader = SkipCounter(DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                              generator=torch.Generator().manual_seed(seed), **common))
-    val_loader = SkipCounter(DataLoader(val_set, batch_size=val_batch_size, shuffle=False, drop_last=False,
-                                        sampler=ShardWithoutPadding(len(val_set), rank, world_size), **common))
+        train_loader = SkipCounter(StopSignalSafeLoader(
+            train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
+            generator=torch.Generator().manual_seed(torch_seed(seed)), **common))
+    val_loader = SkipCounter(StopSignalSafeLoader(
+        val_set, batch_size=val_batch_size, shuffle=False, drop_last=False,
+        sampler=ShardWithoutPadding(len(val_set), rank, world_size), **common))
     return train_loader, val_loader
 
 

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from timm.utils import distribute_bn
 
 from utils.device import DistEnv, all_reduce_sum, synchronize
+from utils.images import UnreadableDatasetError
 from utils.logger import AverageMeter, update_summary
 from utils.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: for main.py)
 from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequest, resume_step,
                               save_recovery_point, stop_requested)
 from utils.progress import progress
-from utils.rng_state import restore_rng_state
+from utils.rng_state import restore_rng_state, torch_seed
 
 # In a distributed run, how often (steps) the ranks agree on whether one of them received a stop
 # signal: each check makes all ranks wait for one another, so it is not done every step.
@@ -37,7 +38,7 @@ def set_seed(seed: int, epoch: int = 0, rank: int = 0) -> None:
     derived = (seed * 1_000_003 + epoch) * 1009 + rank
     random.seed(derived)
     np.random.seed(derived % 2**32)
-    torch.manual_seed(derived)
+    torch.manual_seed(torch_seed(derived))
 
 
 def _to_device(images, targets, device, channels_last):
@@ -174,7 +175,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: Dis
     all_reduce_sum(counts, dist_env)
     (total_loss,), (top1, top5, images, skipped) = loss_sum.tolist(), counts.tolist()
     if images == 0:
-        raise ValueError(f'the validation set has no readable image ({skipped} unreadable files skipped)')
+        raise UnreadableDatasetError('the validation set',
+                                     f'no image could be read ({skipped} unreadable files skipped)')
     metrics = dict(loss=total_loss / images, top1=100.0 * top1 / images, top5=100.0 * top5 / images,
                    images=images, skipped=skipped)
     # The count of unreadable files follows the accuracy only when there are some, so the line the

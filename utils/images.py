@@ -17,23 +17,34 @@ Decisions (each one documented here because it changes the pixels the model sees
   default): bad, without decoding. No training image needs that many pixels (VAN trains on 224 px
   crops), such a file is usually an error or an attack, and decoding it costs gigabytes per worker.
   Users who really need huge images can raise `PIL.Image.MAX_IMAGE_PIXELS` (None disables it).
+- More elongated than MAX_ASPECT_RATIO : 1 (a 2,000,000 x 1 strip, a 2 KB PNG): bad, without decoding.
+  The pixel limit does not see what preprocessing will cost: the resize for the model scales the
+  shorter side to the input size (248 px for 224 inputs), which would make that strip 496 million
+  x 248 pixels, tens of GB. `check_image_size` is the rule; prediction (tools/predict.py) uses it too.
 """
 import logging
 import os
 import warnings
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from utils.data_layout import class_folders, walk_folder
 
 _logger = logging.getLogger(__name__)
 
 # A substitute is looked for among the next samples of the (sorted) file list, which are usually
 # of the same class. This many unreadable files in a row means the dataset, not a file, is broken.
 MAX_CONSECUTIVE_BAD = 50
+
+# No photograph or scan is this elongated (even wide panoramas stay far below it); past it, resizing the shorter
+# side to the model input costs this many times the input's pixels or more.
+MAX_ASPECT_RATIO = 100
 
 _WHITE = (255, 255, 255)
 
@@ -45,6 +56,14 @@ class BadImageError(RuntimeError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self):  # travels from a DataLoader worker to the main process (see Sample.error)
+        return type(self), (self.path, self.reason)
+
+
+class UnreadableDatasetError(BadImageError):
+    """So many files cannot be read (MAX_CONSECUTIVE_BAD in a row, or a whole split) that the dataset
+    or the disk, not a file, is broken. `path` is the folder."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -70,6 +89,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_image_size(path: str, width: int, height: int) -> None:
+    """Raise BadImageError when preprocessing an image of this size would cost far more than the
+    image itself (see the module docstring); call it before decoding."""
+    if width < 1 or height < 1:
+        raise BadImageError(path, f"no pixels ({width} x {height})")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise BadImageError(path, f"{width} x {height} pixels is too elongated (aspect ratio {ratio:.0f}:1, more than "
+                                  f"{MAX_ASPECT_RATIO}:1): resizing its shorter side to the model input would make it "
+                                  f"{ratio:.0f} times the input's size; crop the file")
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode `path` fully and return it as an 8-bit RGB image; raise BadImageError if it cannot be used."""
     try:
@@ -79,6 +110,7 @@ def load_rgb(path: str) -> Image.Image:
             # Pillow only warns between 1x and 2x its pixel limit; treat both the same way.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                check_image_size(path, *img.size)
                 img.load()  # decode now, so truncation is found here and not inside a transform
                 return _to_rgb(img)
     except BadImageError:
@@ -94,17 +126,19 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class Sample(tuple):
-    """(image, target), exactly what ImageFolder returns, plus two attributes for collate_samples:
+    """(image, target), exactly what ImageFolder returns, plus attributes for collate_samples:
     `bad_files` holds 'path: reason' when the requested file was unreadable; `valid` is False for a
-    placeholder that stands for an unreadable file in 'drop' mode."""
+    placeholder that stands for an unreadable file in 'drop' mode; `error` is the exception that must
+    stop the run (--strict-data, a broken dataset), raised by SkipCounter in the main process: raised
+    in a DataLoader worker it would reach the user as a RuntimeError holding the worker's traceback."""
 
-    def __new__(cls, image, target, bad_files: tuple = (), valid: bool = True):
+    def __new__(cls, image, target, bad_files: tuple = (), valid: bool = True, error: Optional[BadImageError] = None):
         sample = super().__new__(cls, (image, target))
-        sample.bad_files, sample.valid = bad_files, valid
+        sample.bad_files, sample.valid, sample.error = bad_files, valid, error
         return sample
 
     def __getnewargs__(self):  # keeps the attributes when a DataLoader worker pickles the sample
-        return self[0], self[1], self.bad_files, self.valid
+        return self[0], self[1], self.bad_files, self.valid, self.error
 
     image = property(lambda self: self[0])
     target = property(lambda self: self[1])
@@ -117,18 +151,51 @@ class RobustImageFolder(ImageFolder):
         batch stays full; the choice depends only on the index, which keeps resumed runs exact.
     on_bad='drop' (evaluation): a placeholder marked invalid is returned and `collate_samples`
         removes it, so every readable validation image is counted exactly once and no image twice.
-    strict=True: the first unreadable file raises BadImageError naming it.
+    strict=True: the first unreadable file stops the run with a BadImageError naming it.
     A substitute is transformed with the random state the requested sample would have used
     (see utils.data.SeededPerImage), so the choice and its augmentation are reproducible.
+    Errors that stop the run travel in the sample (Sample.error) and SkipCounter raises them.
+
+    Folders and files are listed as ImageFolder lists them, in the same order, except that hidden
+    ones (names starting with '.') are left out (`hidden_folders` names those at the class level) and
+    links are never followed into a folder listed already or one above (`looping_links`), see
+    utils.data_layout.walk_folder.
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, on_bad: str = "substitute",
                  strict: bool = False):
         if on_bad not in ("substitute", "drop"):
             raise ValueError(f"on_bad must be 'substitute' or 'drop', not {on_bad!r}")
+        self.hidden_folders: List[str] = []
+        self.looping_links: List[str] = []
         super().__init__(root, transform=transform, loader=load_rgb)
         self.on_bad = on_bad
         self.strict = strict
+
+    def find_classes(self, directory: str):
+        classes, self.hidden_folders = class_folders(directory)
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: Dict[str, int], extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> List[Tuple[str, int]]:
+        """(path, class index) of every image, classes in index order, each class's files sorted by
+        path (ImageFolder's order); is_valid_file(path) replaces the image-extension test."""
+        if is_valid_file is None:
+            suffixes = extensions or IMG_EXTENSIONS
+            is_valid_file = lambda path: path.lower().endswith(suffixes)  # noqa: E731
+        samples, empty = [], []
+        for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+            found = [(os.path.join(folder, f), index)
+                     for folder, files in sorted(walk_folder(os.path.join(directory, name), self.looping_links))
+                     for f in files if is_valid_file(os.path.join(folder, f))]
+            if not found:
+                empty.append(name)
+            samples += found
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"no image files in the class folder(s) {', '.join(empty)} of {directory}")
+        return samples
 
     def _load(self, index: int):
         path, target = self.samples[index]
@@ -138,6 +205,12 @@ class RobustImageFolder(ImageFolder):
         return image, target
 
     def __getitem__(self, index: int) -> Sample:
+        try:
+            return self._sample(index)
+        except BadImageError as error:  # stops the run; see Sample.error
+            return Sample(None, -1, (), False, error)
+
+    def _sample(self, index: int) -> Sample:
         bad: Optional[str] = None  # the requested file, when unreadable
         for offset in range(MAX_CONSECUTIVE_BAD):
             candidate = (index + offset) % len(self.samples)
@@ -153,9 +226,10 @@ class RobustImageFolder(ImageFolder):
                 bad = bad or str(e)
                 if self.on_bad == "drop":
                     return Sample(self._placeholder(), self.samples[index][1], (bad,), False)
-        raise RuntimeError(
-            f"{MAX_CONSECUTIVE_BAD} unreadable images in a row under {self.root} (first: {bad}); "
-            "the dataset looks broken, check the files or the disk")
+        raise UnreadableDatasetError(
+            self.root, f"{MAX_CONSECUTIVE_BAD} unreadable images in a row (first: {bad}); the dataset looks "
+                       "broken, check the files or the disk (finished epochs are kept: --resume auto continues "
+                       "once it is fixed)")
 
     def _placeholder(self):
         # The evaluation transform of a blank image has the shape collation needs.
@@ -167,6 +241,7 @@ class Batch(NamedTuple):
     images: torch.Tensor
     targets: torch.Tensor
     bad_files: tuple
+    error: Optional[BadImageError] = None  # the first Sample.error of the batch
 
 
 def collate_samples(samples: List[Sample]) -> Batch:
@@ -176,6 +251,9 @@ def collate_samples(samples: List[Sample]) -> Batch:
     and report them (a counter inside the dataset would live in a worker's copy and be lost).
     """
     bad_files = tuple(f for s in samples for f in s.bad_files)
+    error = next((s.error for s in samples if s.error is not None), None)
+    if error is not None:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), bad_files, error)
     kept = [s for s in samples if s.valid]
     if kept:
         images, targets = default_collate([(s.image, s.target) for s in kept])
@@ -202,6 +280,8 @@ class SkipCounter:
     def __iter__(self):
         self.skipped = 0
         for batch in self.loader:
+            if batch.error is not None:
+                raise batch.error
             self.skipped += len(batch.bad_files)
             for bad_file in batch.bad_files:
                 if bad_file not in self._reported:  # a file is reported once per run, not once per epoch

@@ -8,7 +8,16 @@ KeyboardInterrupt) for a user who does not want to wait.
 
 In a distributed run the signal may reach only some ranks; `stop_requested` agrees across ranks so
 that all of them stop after the same step and can save together.
+
+Schedulers, torchrun and a terminal's Ctrl-C signal the whole process group, which includes the
+DataLoader worker processes. A worker killed that way makes the main process fail ("DataLoader
+worker is killed by signal") before it can save, so workers leave these signals to the main process
+(`leave_stop_signals_to_parent`) and only obey a SIGTERM that comes from the main process itself
+(how it shuts its workers down). Workers are started with the signals held back
+(`stop_signals_held`), so a signal that arrives while one starts cannot kill it either.
 """
+import contextlib
+import os
 import signal
 import threading
 from typing import Optional
@@ -27,11 +36,22 @@ class StopRequest:
     def __init__(self):
         self.signal_name: Optional[str] = None
         self._previous = {}
+        self._shield_depth = 0
 
     def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
+        if self.signal_name is not None and signum == signal.SIGINT and not self._shield_depth:
             raise KeyboardInterrupt  # second Ctrl-C: the user does not want to wait for the step
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def shielded(self):
+        """While a recovery point is written, a second Ctrl-C does not interrupt it: the loop stops
+        right after the write anyway, and an interrupted write would lose the point."""
+        self._shield_depth += 1
+        try:
+            yield
+        finally:
+            self._shield_depth -= 1
 
     def __enter__(self):
         # Signal handlers can only be installed from the main thread (e.g. not inside a notebook
@@ -63,6 +83,54 @@ def stop_requested(request: StopRequest, device: torch.device) -> bool:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         flag = bool(tensor.item())
     return flag
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold SIGTERM/SIGINT back in this thread for the duration; they are delivered when it ends.
+
+    Processes started meanwhile (DataLoader workers) begin with the signals held back too, until
+    `leave_stop_signals_to_parent` takes over in them.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def leave_stop_signals_to_parent(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: SIGTERM/SIGINT sent to the process group do not end this worker;
+    the main process decides (it saves a recovery point, then shuts its workers down).
+
+    The worker still obeys a SIGTERM from its parent (DataLoader and multiprocessing end workers
+    that way), and ends like every DataLoader worker when the parent dies. Where the sender of a
+    signal cannot be told (no sigwaitinfo, e.g. macOS), only SIGINT is ignored.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held while the worker started
+        return
+    # Blocked in every thread of the worker (threads inherit the mask), the signals wait for the
+    # thread below, which learns who sent each one.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_obey_only_parent, args=(os.getppid(),), name="stop-signals", daemon=True).start()
+
+
+def _obey_only_parent(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            # Exit status 0: the parent asked for it, and torch's SIGCHLD check would report a
+            # worker that died of a signal as a failure.
+            os._exit(0)
 
 
 RECOVERY_FILE = "recovery.pth.tar"
@@ -121,7 +189,8 @@ class RecoveryPoints:
     def __call__(self, steps_done: int) -> bool:
         stop = steps_done % self.sync_every == 0 and stop_requested(self.request, self.device)
         if stop or (self.interval and steps_done % self.interval == 0):
-            self.save(steps_done)
+            with self.request.shielded():
+                self.save(steps_done)
         if stop:
             self.stopped_after = steps_done
         return stop

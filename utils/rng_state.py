@@ -13,6 +13,17 @@ import torch
 import torch.distributed as dist
 
 
+TORCH_SEEDS = range(-2**63, 2**64)  # what torch.manual_seed accepts
+
+
+def torch_seed(value: int) -> int:
+    """`value` as a seed torch accepts. Seeds derived from a large --seed (seed x 10^13 + ...) can
+    exceed 64 bits; they are taken modulo 2^64, which keeps the values one run derives distinct
+    (they span far less than 2^64). Values torch accepts are returned unchanged, so runs keep the
+    random numbers they always drew."""
+    return value if value in TORCH_SEEDS else value % 2**64
+
+
 def capture_rng_state(device: torch.device) -> Dict[str, Any]:
     """The state of Python's, NumPy's, torch's CPU generator and `device`'s generator."""
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()

@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from utils.rng_state import torch_seed
+
 
 class ResumableSampler(Sampler[int]):
     """Per-epoch shuffled, rank-sharded order of sample indices that can start part-way.
@@ -48,7 +50,7 @@ class ResumableSampler(Sampler[int]):
         if not self.shuffle:
             return torch.arange(self.num_samples)
         generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
+        generator.manual_seed(torch_seed(self.seed + self.epoch))
         return torch.randperm(self.num_samples, generator=generator)
 
     def _remaining_per_rank(self) -> int:

@@ -5,6 +5,7 @@ import torch
 from utils.data import (DataConfig, DatasetError, ShardWithoutPadding, build_datasets, build_loaders,
                         build_mixup, build_train_criterion, find_split_dirs)
 
+CLASS_NAMES = ('circle_red', 'square_green', 'triangle_blue', 'cross_yellow')
 CONFIG = DataConfig((3, 32, 32), 'bicubic', (0.5,) * 3, (0.5,) * 3, 0.9)
 AUG = dict(interpolation='random', auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='pixel',
            color_jitter=0.4)
@@ -88,3 +89,52 @@ def test_mixup_gives_soft_targets_and_soft_target_loss():
     assert build_mixup(0, 0, None, 1.0, 0.5, 'batch', 0.1, 4) is None
     assert type(build_train_criterion(None, 0.1)).__name__ == 'LabelSmoothingCrossEntropy'
     assert isinstance(build_train_criterion(None, 0.0), torch.nn.CrossEntropyLoss)
+
+
+@pytest.mark.parametrize('seed', [20240101, 2**63 - 1])
+def test_any_seed_a_user_types_trains(shapes_dataset, seed):
+    from utils.engine import set_seed
+    train_set, val_set, _ = build_datasets(str(shapes_dataset), CONFIG, dict(AUG), seed=seed)
+    train_loader, _ = build_loaders(train_set, val_set, 4, 4, 0, 0, 1, seed, False)
+    train_loader.sampler.set_epoch(299)
+    images, targets = next(iter(train_loader))
+    assert images.shape == (4, 3, 32, 32) and targets.shape == (4,)
+    set_seed(seed, epoch=299, rank=7)
+    assert not torch.equal(train_set[(3, 5)][0], train_set[(4, 5)][0])  # epochs still draw their own numbers
+
+
+def test_the_default_seed_draws_the_numbers_it_always_drew(shapes_dataset):
+    import random
+    import numpy as np
+    from utils.engine import set_seed
+    train_set, _, _ = build_datasets(str(shapes_dataset), CONFIG, dict(AUG), seed=42)
+    image_seed = (42 * 1_000_003 + 2) * 10_000_019 + 7  # how every run so far seeded image 7 in epoch 2
+    random.seed(image_seed), np.random.seed(image_seed % 2**32), torch.manual_seed(image_seed)
+    assert torch.equal(train_set.dataset[7][0], train_set[(2, 7)][0])
+    set_seed(42, epoch=3, rank=1)
+    assert torch.initial_seed() == (42 * 1_000_003 + 3) * 1009 + 1
+
+
+def test_hidden_folders_are_never_classes_and_are_reported(make_dataset, caplog):
+    import logging
+    from PIL import Image
+    from utils.data import find_class_map
+    from utils.data_layout import check_dataset_layout
+    root = make_dataset()
+    for hidden in (root / 'train' / '.ipynb_checkpoints', root / 'val' / '.cache' / 'x',
+                   root / 'train' / 'circle_red' / '.thumbnails'):
+        hidden.mkdir(parents=True)
+        Image.new('RGB', (8, 8)).save(hidden / 'img.png')
+    Image.new('RGB', (8, 8)).save(root / 'train' / 'circle_red' / '.hidden.png')
+    assert check_dataset_layout(str(root)).classes == sorted(CLASS_NAMES)
+    assert list(find_class_map(str(root / 'train'))) == sorted(CLASS_NAMES)
+    logger = logging.getLogger('van')  # main.py's logger (utils.logger.setup_logger may stop its propagation)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger='van'):
+            train_set, val_set, class_to_idx = build_datasets(str(root), CONFIG, dict(AUG), seed=0)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert list(class_to_idx) == sorted(CLASS_NAMES) and len(train_set) == 48 and len(val_set) == 19
+    (line,) = {r.getMessage() for r in caplog.records if 'hidden' in r.getMessage()}  # one line for both splits
+    assert '.ipynb_checkpoints' in line and '.cache' in line

@@ -7,6 +7,7 @@ format main.py writes. The real end-to-end runs on CPU are in .ci/run.
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -255,7 +256,7 @@ def test_8p_uses_torchrun_and_the_real_process_count(repo):
     result = run_script(repo, "train_performance_8p.sh", "--data_path=data/digits", "--nproc=2", "--device=cpu")
     assert result.returncode == 0, result.stderr
     call = main_call(repo)
-    assert call[:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "main.py"]
+    assert call[:4] == ["tools/torchrun.py", "--nproc_per_node=2", "--standalone", "main.py"]
     values = dict(summary(repo, 0, "VAN_Classification_bs128_2p_perf"))
     assert values["RankSize"] == "2" and values["TrainingTime"] == f"{128 * 2 * 1000 / 64:.2f}"
 
@@ -372,6 +373,41 @@ def test_failed_training_exits_nonzero_without_summary(repo):
     out = repo / "test" / "output" / "0"
     assert (out / "train_0.log").exists()
     assert not list(out.glob("VAN_Classification_*.log"))
+
+
+# Stand-in for main.py under a stop signal: it saves (a second later) and exits with the signal's status.
+STOPPABLE_PYTHON = """#!/bin/bash
+[[ $1 == tools/make_demo_data.py ]] && exit 0
+stop() { sleep 1; echo "recovery checkpoint: epoch 0 step 1 -> saved"; exit "$1"; }
+trap 'stop 143' TERM
+trap 'stop 130' INT
+echo "Train: 0 [   1/  45 (  2%)]  Loss: 2.3100 (2.3100)"
+while :; do sleep 0.1; done
+"""
+
+
+@pytest.mark.parametrize("script, signum", [("train_full_1p.sh", signal.SIGTERM), ("train_full_8p.sh", signal.SIGINT)])
+def test_a_group_signal_lets_main_py_save_and_says_how_to_resume(repo, script, signum):
+    python = repo.parent / "fake" / "python"
+    python.write_text(STOPPABLE_PYTHON)
+    env = dict(os.environ, PYTHON=str(python))
+    process = subprocess.Popen(["bash", str(repo / "test" / script), "--data_path=data/digits", "--experiment=run1"],
+                               cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("Train: 0"):
+                os.killpg(process.pid, signum)  # what a scheduler, torchrun or Ctrl-C does
+                break
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and "--experiment=run1 --resume auto" in err
+    # tee outlived the signal: the log has what main.py wrote after it
+    assert "recovery checkpoint" in (repo / "test" / "output" / "0" / "train_0.log").read_text()
 
 
 def test_training_that_logs_no_epoch_fails_instead_of_empty_summary(repo):

@@ -305,14 +305,16 @@ def test_timm_models_default_to_no_drop_path_and_every_variant_has_a_recipe_valu
     assert [models.recipe_drop_path(n) for n in ('van_tiny', 'van_small', 'van_base', 'van_large')] == [0.1, 0.1, 0.1, 0.2]
 
 
-def test_settings_line_comes_before_data_loading_and_an_unknown_model_fails_there(tmp_path, capsys):
-    missing = str(tmp_path / 'missing')
-    assert main.main(['--data_path', missing, '--model', 'van_b3', '--output', str(tmp_path)]) == 2
+def test_settings_line_comes_before_data_loading_and_an_unknown_model_fails_there(shapes_dataset, tmp_path, capsys):
+    # --num-classes below the class-folder count stops the run right after the settings line, before
+    # any model or data loader is built.
+    argv = ['--data_path', str(shapes_dataset), '--num-classes', '2', '--output', str(tmp_path)]
+    assert main.main([*argv, '--model', 'van_b3']) == 2
     out, err = capsys.readouterr()
     assert 'settings: model van_b3, world size 1, global batch 128 (1 x 128), lr 0.000125 ' \
            '(--lr-base 0.001 x 128 / 1024), drop path 0.2 (van_b3 recipe)' in out
-    assert 'does not exist' in err
-    assert main.main(['--data_path', missing, '--model', 'van_b9', '--output', str(tmp_path)]) == 2
+    assert '--num-classes 2 is smaller' in err
+    assert main.main([*argv, '--model', 'van_b9']) == 2
     assert "unknown model 'van_b9'" in capsys.readouterr().err
 
 

@@ -48,6 +48,13 @@ def _bomb_png(width=30000, height=30000) -> bytes:
             + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
 
 
+def _thin_png(width=2_000_000, height=1) -> bytes:
+    """A 2 KB PNG of 2 MP that the eval resize (shorter side to 248 px) would make 496 million x 248."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def _write_usable_images(folder: Path):
     """Images that decode but are not 8-bit RGB; returns name -> expected RGB of pixel (0, 0)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,8 @@ def _write_bad_images(folder: Path):
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "text.png").write_text("this is not an image\n")
     (folder / "bomb.png").write_bytes(_bomb_png())
-    return ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "truncated.jpg"]
+    (folder / "thin.png").write_bytes(_thin_png())
+    return ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "thin.png", "truncated.jpg"]
 
 
 def test_usable_images_of_any_mode_become_8bit_rgb(tmp_path):
@@ -92,12 +100,21 @@ def test_usable_images_of_any_mode_become_8bit_rgb(tmp_path):
     assert red > 200 and green < 60 and blue < 60
 
 
-@pytest.mark.parametrize("name", ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "truncated.jpg"])
+@pytest.mark.parametrize("name", ["bomb.png", "corrupt.jpg", "empty.jpg", "text.png", "thin.png", "truncated.jpg"])
 def test_unusable_image_raises_error_naming_the_file(tmp_path, name):
     _write_bad_images(tmp_path)
     with pytest.raises(BadImageError) as info:
         load_rgb(str(tmp_path / name))
     assert str(tmp_path / name) in str(info.value)
+
+
+def test_an_image_too_elongated_to_preprocess_is_bad_before_decoding(tmp_path):
+    (tmp_path / "thin.png").write_bytes(_thin_png())
+    assert len(_thin_png()) < 3000
+    with pytest.raises(BadImageError, match=r"2000000 x 1 pixels is too elongated \(aspect ratio 2000000:1"):
+        load_rgb(str(tmp_path / "thin.png"))
+    Image.new("RGB", (1000, 10)).save(tmp_path / "panorama.png")  # 100:1 is still an image
+    assert load_rgb(str(tmp_path / "panorama.png")).size == (1000, 10)
 
 
 def _image_folder(root: Path, bad_in: str = "b"):
@@ -147,20 +164,28 @@ def test_evaluation_loader_counts_readable_images_once_and_skips_bad_ones(tmp_pa
     assert seen == len(dataset) - len(bad_names) and counted.skipped == len(bad_names)
 
 
-def test_strict_data_stops_at_the_first_bad_file_naming_it(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_strict_data_stops_at_the_first_bad_file_naming_it(tmp_path, workers):
     _image_folder(tmp_path)
     dataset = RobustImageFolder(str(tmp_path), transform=_to_tensor, strict=True)
-    with pytest.raises(BadImageError, match=r"b[/\\]bomb\.png.*--strict-data"):
-        for _ in DataLoader(dataset, batch_size=4, collate_fn=collate_samples):
+    loader = SkipCounter(DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=collate_samples))
+    with pytest.raises(BadImageError, match=r"^\S*b[/\\]bomb\.png: .*--strict-data") as info:
+        for _ in loader:
             pass
+    assert "Traceback" not in str(info.value)  # raised in this process, not wrapped by a worker
 
 
-def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path, workers):
+    from utils.images import UnreadableDatasetError
     _write_bad_images(tmp_path / "a")
     for i in range(60):
         (tmp_path / "a" / f"zero{i}.jpg").write_bytes(b"")
-    with pytest.raises(RuntimeError, match="unreadable images in a row"):
-        RobustImageFolder(str(tmp_path), transform=_to_tensor)[0]
+    dataset = RobustImageFolder(str(tmp_path), transform=_to_tensor)
+    loader = SkipCounter(DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=collate_samples))
+    with pytest.raises(UnreadableDatasetError, match=f"^{tmp_path}: 50 unreadable images in a row") as info:
+        next(iter(loader))
+    assert "Traceback" not in str(info.value)
 
 
 # ---------------------------------------------------------------- dataset layout
@@ -210,6 +235,38 @@ def test_bad_layout_gives_one_clear_message(tmp_path, fault, message):
         Image.new("RGB", (8, 8)).save(root / "train" / "stray.jpg")
     with pytest.raises(DatasetLayoutError, match=message):
         check_dataset_layout(None if root is None else str(root))
+
+
+def _images_in(folder: Path, count: int, color=(0, 0, 0)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (8, 8), color).save(folder / f"{i}.png")
+
+
+def test_links_are_followed_once_and_never_back_up(tmp_path):
+    root = tmp_path / "train"
+    _images_in(root / "a", 2)
+    _images_in(root / "b", 3)
+    _images_in(tmp_path / "elsewhere", 4)
+    (root / "a" / "up").symlink_to("..")  # a loop: train/, which holds a
+    (root / "b" / "here").symlink_to(".")  # a loop: the folder itself
+    (root / "a" / "more").symlink_to(tmp_path / "elsewhere")  # another place: followed as always
+    (root / "b" / "again").symlink_to(tmp_path / "elsewhere")  # another class may link there too
+    (root / "b" / "x").mkdir()
+    (root / "b" / "y").symlink_to("x")  # the same folder twice: listed once
+    _images_in(root / "b" / "x", 1)
+    dataset = RobustImageFolder(str(root))
+    per_class = [sum(1 for _, target in dataset.samples if target == t) for t in (0, 1)]
+    assert dataset.classes == ["a", "b"] and per_class == [2 + 4, 3 + 4 + 1]
+    assert len({path for path, _ in dataset.samples}) == len(dataset.samples)
+    assert sorted(Path(p).name for p in dataset.looping_links) == ["here", "up", "y"]
+
+
+def test_a_split_with_links_back_up_passes_the_layout_check(tmp_path):
+    root = _layout(tmp_path)
+    (root / "train" / "a" / "up").symlink_to("..")
+    (root / "val" / "b" / "self").symlink_to(".")
+    assert check_dataset_layout(str(root)).classes == ["a", "b"]
 
 
 def test_evaluation_only_needs_the_validation_split(tmp_path):
@@ -265,6 +322,42 @@ def test_sigterm_and_sigint_become_a_stop_request_until_the_context_ends():
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_second_ctrl_c_does_not_interrupt_a_recovery_write():
+    with StopRequest() as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        with request.shielded():  # RecoveryPoints writes inside this
+            os.kill(os.getpid(), signal.SIGINT)
+        assert request.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # outside a write it still stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return torch.tensor([index])
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers tell who sent a signal with sigwaitinfo")
+def test_data_workers_leave_group_signals_to_the_main_process():
+    from utils.data import StopSignalSafeLoader
+    batches = iter(StopSignalSafeLoader(_Numbers(), batch_size=4, num_workers=2, persistent_workers=True))
+    first = next(batches)
+    workers = [w.pid for w in batches._workers]
+    for name in ("TERM", "INT"):  # sent by another process, as a scheduler's killpg is
+        subprocess.run(["kill", f"-{name}", *map(str, workers)], check=True)
+    rest = list(batches)
+    assert torch.cat([first, *rest]).flatten().tolist() == list(range(64))
+    assert all(w.is_alive() for w in batches._workers)
+    # The main process still ends its workers (DataLoader's shutdown sends SIGTERM to laggards).
+    for worker in batches._workers:
+        worker.terminate()
+        worker.join(timeout=10)
+    assert not any(w.is_alive() for w in batches._workers)
 
 
 def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
@@ -442,6 +535,47 @@ def test_sigterm_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run
     assert not (tmp_path / 'cut' / 'recovery.pth.tar').exists()  # superseded by the epoch checkpoints
 
 
+def _stop_group_at(command, marker, signum, env):
+    """Run `command` in its own process group and signal the whole group (as a scheduler, torchrun or
+    Ctrl-C does) once a line starting with `marker` appears; returns (exit status, output)."""
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith(marker):
+                os.killpg(process.pid, signum)
+                break
+        lines += process.stdout.readlines()
+        return process.wait(timeout=300), ''.join(lines)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.slow
+def test_group_signals_with_data_workers_save_and_resume_exactly(shapes_dataset, tmp_path, subprocess_env):
+    common = ['--epochs', '2', '--max-steps-per-epoch', '4', '--drop-path', '0.1']
+    full = _run_main(_main_args(shapes_dataset, tmp_path, 'full', *common), subprocess_env)  # -j 0
+    assert full.returncode == 0, full.stderr
+    main = [sys.executable, str(REPO / 'main.py')]
+
+    # SIGTERM to the group with 2 persistent workers in epoch 0, SIGINT with 1 worker in epoch 1.
+    status, output = _stop_group_at(main + _main_args(shapes_dataset, tmp_path, 'cut', *common, '-j', '2'),
+                                    'Train: 0 [   2/', signal.SIGTERM, subprocess_env)
+    assert status == 128 + signal.SIGTERM and 'stopped by SIGTERM in epoch 0' in output, output
+    resume = _main_args(shapes_dataset, tmp_path, 'cut', *common, '--resume', 'auto', '-j', '1')
+    status, output = _stop_group_at(main + resume, 'Train: 1 [   2/', signal.SIGINT, subprocess_env)
+    assert status == 128 + signal.SIGINT and 'stopped by SIGINT in epoch 1' in output, output
+    assert 'Traceback' not in output and 'killed by signal' not in output
+    resumed = _run_main(resume, subprocess_env)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = _weights(tmp_path / 'full' / 'last.pth.tar'), _weights(tmp_path / 'cut' / 'last.pth.tar')
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 @pytest.mark.slow
 def test_sigkill_while_saving_leaves_only_complete_checkpoints_and_resume_finishes(shapes_dataset, tmp_path,
                                                                                     subprocess_env):
@@ -608,6 +742,34 @@ def test_torchrun_restart_after_a_killed_worker_resumes_from_the_last_recovery_p
     assert not (run_dir / 'recovery.pth.tar').exists()
 
 
+@pytest.mark.slow
+def test_torchrun_stopped_by_a_group_signal_saves_and_says_so_in_one_line(shapes_dataset, tmp_path, subprocess_env):
+    from utils.checkpoint import read_training_checkpoint
+    args = _main_args(shapes_dataset, tmp_path, 'run', '--epochs', '2', '-b', '4', '--max-steps-per-epoch', '2',
+                      '--mixup', '0', '--cutmix', '0', '--device', 'cpu', '-j', '1', '--dist-timeout', '60')
+    torchrun = [sys.executable, str(REPO / 'tools' / 'torchrun.py'), '--standalone', '--nproc_per_node', '2',
+                str(REPO / 'main.py')]
+    status, output = _stop_group_at(torchrun + args, 'Train: 0 [   1/', signal.SIGTERM, subprocess_env)
+    assert status == 128 + signal.SIGTERM, output
+    assert 'stopped by SIGTERM after epoch 0' in output and 'torchrun: stopped by SIGTERM' in output
+    assert 'Traceback' not in output and 'killed by signal' not in output
+    assert read_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 0
+    resumed = subprocess.run(torchrun + args + ['--resume', 'auto'], cwd=REPO, env=subprocess_env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stdout + resumed.stderr
+    assert read_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 1
+
+
+@pytest.mark.slow
+def test_torchrun_for_the_launch_scripts_passes_a_user_error_on_without_a_traceback(tmp_path, subprocess_env):
+    command = [sys.executable, str(REPO / 'tools' / 'torchrun.py'), '--standalone', '--nproc_per_node', '2',
+               str(REPO / 'main.py'), '--data_path', str(tmp_path / 'nowhere'), '--device', 'cpu']
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert 'does not exist' in result.stderr and 'main.py FAILED' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
 def _copy_dataset(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
@@ -634,12 +796,26 @@ def test_run_with_bad_images_skips_reports_and_counts_them(shapes_dataset, tmp_p
     assert re.search(r'(train/circle_red|val/cross_yellow)/\S+: ', strict.stderr)
 
 
+@pytest.mark.slow
+def test_a_run_into_a_broken_stretch_of_data_stops_with_one_message(shapes_dataset, tmp_path, subprocess_env):
+    data = _copy_dataset(shapes_dataset, tmp_path / 'data')
+    for i in range(100):  # after the class's readable images: more than 50 unreadable ones in a row
+        (data / 'train' / 'circle_red' / f'zz{i:03d}.png').write_bytes(b'')
+    result = _run_main(_main_args(data, tmp_path, 'run', '--epochs', '1', '-j', '1'), subprocess_env)
+    assert result.returncode == 2, result.stderr
+    assert re.search(r'error: \S+train: 50 unreadable images in a row \(first: \S+circle_red/zz\d+\.png: empty file',
+                     result.stderr)
+    assert 'Traceback' not in result.stderr
+
+
 @pytest.mark.parametrize('fault, message', [
     ('missing', 'does not exist'),
     ('no_val', 'no val/ folder'),
     ('empty_class', 'hold no images: cross_yellow'),
     ('different_classes', r'only in train/: cross_yellow; only in val/: zebra'),
     ('files_in_train', 'holds files directly'),
+    ('class_linked_to_itself', r'cannot open \S+train/cross_yellow: Too many levels of symbolic links'),
+    ('unreadable_val', r'no image in \S+val can be read: all 2 image files fail \(first: \S+circle_red/000.png: '),
 ])
 def test_bad_layout_stops_main_before_the_model_is_built(make_dataset, tmp_path, capsys, monkeypatch, fault,
                                                          message):
@@ -657,13 +833,20 @@ def test_bad_layout_stops_main_before_the_model_is_built(make_dataset, tmp_path,
         os.rename(root / 'val' / 'cross_yellow', root / 'val' / 'zebra')
     elif fault == 'files_in_train':
         Image.new('RGB', (8, 8)).save(root / 'train' / 'stray.png')
+    elif fault == 'class_linked_to_itself':
+        shutil.rmtree(root / 'train' / 'cross_yellow')
+        (root / 'train' / 'cross_yellow').symlink_to('cross_yellow')
+    elif fault == 'unreadable_val':  # found now, not after a whole unsaved training epoch
+        for image in (root / 'val').glob('*/*.png'):
+            image.write_bytes(image.read_bytes()[:40])
 
     def fail(*args, **kwargs):
         raise AssertionError('the model was built before the dataset was checked')
     monkeypatch.setattr(main, 'create_model', fail)
     status = main.main(_main_args(root, tmp_path / 'out', 'run', '--epochs', '1'))
     error = capsys.readouterr().err
-    assert status == 2 and re.search(message, error) and 'Traceback' not in error
+    assert status == 2 and re.search(message, error) and 'Traceback' not in error, error
+    assert not (tmp_path / 'out' / 'run').exists()  # no empty run dir left behind
 
 
 def test_main_refuses_checkpoints_and_weights_whose_unpickling_runs_code(shapes_dataset, tmp_path, capsys):

@@ -336,6 +336,15 @@ def test_predict_skips_unreadable_images_and_reports_them(checkpoints, images, c
     assert 'broken.jpg' in captured.err and 'cannot read image' in captured.err
 
 
+def test_predict_skips_images_too_elongated_to_preprocess(checkpoints, images, capsys):
+    folder, paths = images
+    Image.new('RGB', (300, 2), (10, 20, 30)).save(folder / 'strip.png')  # 150:1
+    assert predict.main([str(checkpoints['main']), str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert set(_printed_predictions(captured.out)) == {str(p) for p in paths}
+    assert f"skipped {folder / 'strip.png'}: cannot read image (300 x 2 pixels is too elongated" in captured.err
+
+
 def test_predict_user_errors(checkpoints, images, tmp_path, capsys):
     _, paths = images
     wrong_map = tmp_path / 'three.txt'
