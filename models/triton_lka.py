@@ -8,8 +8,9 @@ Why: on CUDA, PyTorch sends a depthwise conv to cuDNN only for channels_last inp
 float16 inputs that are not dilated (aten/src/ATen/native/Convolution.cpp, ConvParams::use_cudnn_depthwise,
 pytorch/pytorch@954cecd: "always use cudnn_depthwise for channels_last format"; the NCHW branch requires
 `input.scalar_type() == kHalf` and `!is_dilated()`). Everything else runs PyTorch's own kernels
-(aten/src/ATen/native/cuda/DepthwiseConv2d.cu), whose weight gradient launches one block per
-(channel, kh, kw) that reduces over all N*H*W pixels, re-reading input and gradient K*K times. And
+(aten/src/ATen/native/cuda/DepthwiseConv2d.cu, pytorch/pytorch@989f691: conv_depthwise2d_grad_weight_out
+launches `blocks = outputChannels * kH * kW`, each reducing over all N*H*W pixels, so input and gradient
+are re-read K*K times; the forward is specialised for 1x1 and 3x3 kernels only). And
 torch.compile calls depthwise convs and `convolution_backward` as external kernels, so they are not
 fused with the GELU next to them. These kernels read each channels_last map once per tap from cache,
 reduce the weight gradient per pixel chunk (one read of input and gradient), and fuse the MLP's GELU
@@ -41,6 +42,7 @@ machines without a CUDA device). This module decorates its kernels on first use,
 """
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay unevaluated text, as Triton reads them
 
+import contextlib
 import functools
 import os
 import types
@@ -133,7 +135,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, g_ptr, y_ptr, pixels, height, width, chann
 
 def _weight_grad_kernel(x_ptr, g_ptr, wg_ptr, bg_ptr, pixels, height, width, channels, chunk_pixels,
                         KSIZE: tl.constexpr, DILATION: tl.constexpr, TAPS_PAD: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Partial sums over one chunk of pixels: wg[chunk, tap, c] = sum_p g[p, c] * x[p + offset(tap), c],
     bg[chunk, c] = sum_p g[p, c]. chunk_pixels is a multiple of BLOCK_P."""
     chunk = tl.program_id(0)
@@ -164,12 +166,10 @@ def _weight_grad_kernel(x_ptr, g_ptr, wg_ptr, bg_ptr, pixels, height, width, cha
         xv = tl.load(x_ptr + src[:, :, None] * channels + c[None, None, :],
                      mask=ok[:, :, None] & c_ok[None, None, :], other=0.0)
         acc += tl.sum(xv.to(tl.float32) * g[:, None, :], axis=0)
-        if HAS_BIAS:
-            acc_bias += tl.sum(g, axis=0)
+        acc_bias += tl.sum(g, axis=0)
     tl.store(wg_ptr + (chunk * KSIZE * KSIZE + tap)[:, None] * channels + c[None, :], acc,
              mask=tap_ok[:, None] & c_ok[None, :])
-    if HAS_BIAS:
-        tl.store(bg_ptr + chunk * channels + c, acc_bias, mask=c_ok)
+    tl.store(bg_ptr + chunk * channels + c, acc_bias, mask=c_ok)
 
 
 # triton.language, bound when the kernels are first decorated: the kernels name it as a global.
@@ -217,7 +217,7 @@ def conv_tiles(pixels: int, channels: int) -> Tuple[int, int]:
     return max(16, 4096 // block_c), block_c
 
 
-def weight_grad_tiles(pixels: int, channels: int, taps_pad: int) -> Tuple[int, int, int]:
+def weight_grad_tiles(pixels: int, channels: int, taps_pad: int, device: torch.device) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, number of pixel chunks) of the weight-gradient kernel."""
     if interpreting():
         block_c = min(64, _pow2(channels))
@@ -226,7 +226,7 @@ def weight_grad_tiles(pixels: int, channels: int, taps_pad: int) -> Tuple[int, i
     block_c = min(32, _pow2(channels))
     block_p = max(1, 8192 // (taps_pad * block_c))
     # Enough programs to fill the GPU several times over; each then reduces a long run of pixels.
-    programs = 8 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    programs = 8 * torch.cuda.get_device_properties(device).multi_processor_count
     chunks = max(1, min(-(-pixels // block_p), programs // -(-channels // block_c)))
     return block_p, block_c, chunks
 
@@ -234,6 +234,11 @@ def weight_grad_tiles(pixels: int, channels: int, taps_pad: int) -> Tuple[int, i
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' (several GPUs in one process)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -255,9 +260,10 @@ def _run_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     pixels = n * h * w
     block_p, block_c = conv_tiles(pixels, c)
     grid = (-(-pixels // block_p), -(-c // block_c))
-    kernels.conv[grid](x, _taps(weight), bias if bias is not None else y, grad, y, pixels, h, w, c,
-                       KSIZE=weight.shape[-1], DILATION=dilation, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-                       BLOCK_P=block_p, BLOCK_C=block_c)
+    with _on_device(x):
+        kernels.conv[grid](x, _taps(weight), bias if bias is not None else y, grad, y, pixels, h, w, c,
+                           KSIZE=weight.shape[-1], DILATION=dilation, HAS_BIAS=bias is not None, EPILOGUE=epilogue,
+                           BLOCK_P=block_p, BLOCK_C=block_c)
     return y
 
 
@@ -325,14 +331,15 @@ def _dwconv_weight_grad(grad: torch.Tensor, x: torch.Tensor, kernel_size: int,
     n, c, h, w = x.shape
     pixels, taps = n * h * w, kernel_size * kernel_size
     taps_pad = _pow2(taps)
-    block_p, block_c, chunks = weight_grad_tiles(pixels, c, taps_pad)
+    block_p, block_c, chunks = weight_grad_tiles(pixels, c, taps_pad, x.device)
     chunk_pixels = -(-(-(-pixels // chunks)) // block_p) * block_p
     chunks = -(-pixels // chunk_pixels)
     partial_w = torch.empty((chunks, taps, c), dtype=torch.float32, device=x.device)
     partial_b = torch.empty((chunks, c), dtype=torch.float32, device=x.device)
-    kernels.weight_grad[(chunks, -(-c // block_c))](
-        x, grad, partial_w, partial_b, pixels, h, w, c, chunk_pixels, KSIZE=kernel_size, DILATION=dilation,
-        TAPS_PAD=taps_pad, HAS_BIAS=True, BLOCK_P=block_p, BLOCK_C=block_c)
+    with _on_device(x):
+        kernels.weight_grad[(chunks, -(-c // block_c))](
+            x, grad, partial_w, partial_b, pixels, h, w, c, chunk_pixels, KSIZE=kernel_size, DILATION=dilation,
+            TAPS_PAD=taps_pad, BLOCK_P=block_p, BLOCK_C=block_c)
     return partial_w.sum(0).t().reshape(c, 1, kernel_size, kernel_size).contiguous(), partial_b.sum(0)
 
 

@@ -71,15 +71,16 @@ class Settings:
     image_side: int = 256  # synthetic JPEGs, randomly cropped to img_size by the training transform
     with_compile: bool = True
     amp: bool = True  # False: every step in float32, main.py without --amp
+    limit_scale: float = 1.0  # multiplies every step's time limit
     child_env: Tuple[Tuple[str, str], ...] = ()
 
 
 # The same plan on CPU at toy size: checks every step's plumbing end to end without a GPU. It runs in
-# float32 (half-precision convs are slow on most CPUs), and the Triton impl falls back to nn.Conv2d
-# (TRITON_INTERPRET=0: the interpreter would take minutes).
+# float32 (half-precision convs are slow on most CPUs), the Triton impl falls back to nn.Conv2d
+# (TRITON_INTERPRET=0: the interpreter would take minutes), and a small shared CPU gets 3x the time limits.
 DRY_RUN = Settings(model='van_b0', batch=4, large_batch=8, img_size=32, device='cpu', warmup=1, repeats=1,
                    compile_repeats=1, main_steps=6, workers=0, image_side=40, with_compile=False, amp=False,
-                   child_env=(('TRITON_INTERPRET', '0'),))
+                   limit_scale=3.0, child_env=(('TRITON_INTERPRET', '0'),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +349,8 @@ def render_markdown(report: Dict) -> str:
     env, rows = report['environment'], report['rows']
     lines = [f'# VAN GPU measurement ({report["settings"]["model"]}, {report["settings"]["img_size"]} px)', '',
              f'{env.get("gpu", env.get("device", "?"))}; torch {env.get("torch")}, CUDA {env.get("cuda")}, '
-             f'cuDNN {env.get("cudnn")}, triton {env.get("triton")}, timm {env.get("timm")}; started {report["started"]}'
+             f'driver {env.get("driver")}, cuDNN {env.get("cudnn")}, triton {env.get("triton")}, timm {env.get("timm")}, '
+             f'{env.get("host_cpus")} CPUs; started {report["started"]}'
              + ('; DRY RUN on CPU (plumbing only, numbers meaningless)' if report['dry_run'] else ''), '']
     ref_train, ref_infer = reference_rate(rows, 'train'), reference_rate(rows, 'infer')
     lines += ['## Throughput (images/s; x ref = against the reference model: plain, NCHW, float16, eager, '
@@ -431,8 +433,17 @@ def check_environment(settings: Settings) -> Dict:
     props = torch.cuda.get_device_properties(0)
     info.update(gpu=f'{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}, '
                     f'{props.multi_processor_count} SMs)', cudnn=torch.backends.cudnn.version(),
-                visible_devices=torch.cuda.device_count())
+                visible_devices=torch.cuda.device_count(), driver=_nvidia_driver())
     return info
+
+
+def _nvidia_driver() -> Optional[str]:
+    try:
+        result = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                                capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +498,7 @@ def run_plan(steps: Sequence[Step], settings: Settings, environment: Dict, out: 
         left = deadline - time.monotonic()
         entry = dict(name=step.name, question=step.question, status='', seconds=None)
         report['steps'].append(entry)
-        limit = min(step.limit_s, left)
+        limit = min(step.limit_s * settings.limit_scale, left)
         if limit < MIN_STEP_S:
             entry['status'] = 'skipped: budget used up'
         elif step.bench is not None and step.bench.compile and not settings.with_compile:
@@ -514,7 +525,7 @@ def run_plan(steps: Sequence[Step], settings: Settings, environment: Dict, out: 
             entry['status'], entry['seconds'] = 'ok', time.monotonic() - start
         else:
             best = best_row(report['rows'], 'train', settings.batch) if step.main_run == 'best' else None
-            if not data_ready:
+            if not (data_ready or (data_dir / 'train').is_dir()):
                 entry['status'] = 'skipped: no synthetic ImageFolder (the data step did not run)'
             elif step.main_run == 'best' and best is None:
                 entry['status'] = 'skipped: no training configuration was measured'

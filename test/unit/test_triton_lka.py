@@ -94,7 +94,7 @@ def test_small_tiles_cover_every_pixel_channel_and_chunk(device, monkeypatch):
     """Tiles that fit the map nowhere evenly: 48 channels in blocks of 32 (the second half-masked), 70
     pixels in conv blocks of 32, and weight-gradient chunks of 3 blocks of 8 pixels (the last one short)."""
     monkeypatch.setattr(triton_lka, 'conv_tiles', lambda pixels, channels: (32, 32))
-    monkeypatch.setattr(triton_lka, 'weight_grad_tiles', lambda pixels, channels, taps: (8, 32, 3))
+    monkeypatch.setattr(triton_lka, 'weight_grad_tiles', lambda pixels, channels, taps, device: (8, 32, 3))
     for kernel, dilation, gelu in [(7, 3, False), (3, 1, True)]:
         x, weight, bias, grad = _inputs(device, channels=48, size=(5, 7), kernel=kernel, seed=1)
         _assert_close(_triton(x, weight, bias, grad, dilation, gelu),
