@@ -15,7 +15,7 @@ ratio stays meaningful. Rows: `plain` is nn.Conv2d in NCHW, exactly what the ref
 they built (models/native_kernels.py); `fast-no-native` is the fast path on PyTorch's kernels only;
 `polyphase` and `triton` are the GPU candidates (models/polyphase_conv.py, models/triton_lka.py);
 `+compile` rows wrap them in torch.compile. `--profile` adds, per training row, one profiled step's time
-by kernel class (tools/step_profile.py).
+by kernel class (utils/step_profile.py).
 float16/bfloat16 run under autocast (one code path: autocast is disabled for float32).
 On CPU the host allocator keeps freed memory, as main.py does (utils/device.py
 `keep_freed_host_memory`), for every row alike; `--default-malloc` measures glibc's default
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402,F401  (registers the VAN variants with timm)
 import timm  # noqa: E402
 from models import native_kernels  # noqa: E402
-from tools.step_profile import breakdown, profile_step  # noqa: E402
+from utils.step_profile import breakdown, profile_step  # noqa: E402
 from utils.device import keep_freed_host_memory  # noqa: E402
 
 NO_NATIVE = '-no-native'

@@ -10,7 +10,7 @@ It answers, for van_b2 at 224 px and batch 128 (`--list` prints the plan):
 - NCHW vs channels_last, float16 vs bfloat16, cudnn.benchmark on vs off, each LKA implementation
   (plain, polyphase, triton), training and inference;
 - eager vs torch.compile (channels_last, bfloat16; plain and triton: a van_b2 compile takes 1-2 minutes);
-- where a training step's time goes, by kernel class (tools/step_profile.py), for today's path and for
+- where a training step's time goes, by kernel class (utils/step_profile.py), for today's path and for
   the channels_last candidates;
 - main.py's FPS on a synthetic ImageFolder, with today's options and with the fastest measured ones;
 - batch 256; NCHW bfloat16 (every depthwise conv on PyTorch's own kernels).

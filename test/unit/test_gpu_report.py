@@ -1,4 +1,4 @@
-"""tools/gpu_report.py (driven by tools/gpu_benchmark.sh) and tools/step_profile.py, on CPU: the plan, the
+"""tools/gpu_report.py (driven by tools/gpu_benchmark.sh) and utils/step_profile.py, on CPU: the plan, the
 command lines it builds, the one-line stop without a GPU, the deadline, the JSON and tables, the kernel
 classes, and (slow) a dry run end to end."""
 import importlib.util
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT
-from tools import step_profile
+from utils import step_profile
 
 
 def _load(name):

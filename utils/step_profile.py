@@ -10,7 +10,7 @@ record's class from the operator names and, for convolutions, the weight shape t
 weight a 1x1 conv (a GEMM). The backward of a depthwise conv is split into input and weight gradient by the
 kernel name where the library says which it is (cuDNN's dgrad/wgrad, PyTorch's conv_depthwise2d_backward /
 grad_weight, the van_triton ops); other kernels of that backward stay 'depthwise backward (unsplit)'.
-Used by tools/benchmark.py --profile and tools/gpu_report.py.
+Used by tools/benchmark.py --profile (and so tools/gpu_report.py).
 """
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
