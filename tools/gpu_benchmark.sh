@@ -4,10 +4,12 @@
 # a per-kernel-class profile of a training step and main.py's FPS. The work is tools/gpu_report.py's; this
 # only picks the interpreter and the output folder and adds a hard stop 30 s after the budget.
 #
-# Usage (from anywhere):  bash tools/gpu_benchmark.sh [OUTPUT_DIR] [tools/gpu_report.py options]
+# Usage (from anywhere; a relative OUTPUT_DIR is taken from the repository root):
+#   bash tools/gpu_benchmark.sh [OUTPUT_DIR] [tools/gpu_report.py options]
 #   bash tools/gpu_benchmark.sh                              # -> output/gpu_report/{report.json,report.md,logs/}
 #   bash tools/gpu_benchmark.sh /tmp/dry --dry-run           # the same plan on CPU, van_b0 at 32 px (plumbing)
 #   bash tools/gpu_benchmark.sh out --steps reference,main-reference    # a subset (--list shows the steps)
+#   bash tools/gpu_benchmark.sh out --data-dir /tmp/van_synthetic       # keep the 200 MB of JPEGs elsewhere
 # Environment: PYTHON (default python), BUDGET_S (default 470 s). With no GPU or no triton it exits 2 at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."

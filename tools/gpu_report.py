@@ -194,7 +194,8 @@ def run_child(argv: Sequence[str], limit_s: float, log_path: Path, env: Dict[str
               stop_after: Optional[str] = None, echo: bool = True) -> Tuple[str, float]:
     """Run argv (own process group) for at most limit_s; its output goes to log_path (and stdout).
     Returns (status, seconds): 'ok', 'failed (exit N)' or 'timed out after N s'. A line matching
-    `stop_after` ends the child early with status 'ok' (main.py's validation and checkpoint are not timed)."""
+    `stop_after` ends the child at once (SIGKILL) with status 'ok': main.py's validation, checkpoint and
+    SIGTERM recovery file are not what is measured."""
     start = time.monotonic()
     stopped = threading.Event()
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +219,7 @@ def run_child(argv: Sequence[str], limit_s: float, log_path: Path, env: Dict[str
         timed_out = False
         while child.poll() is None:
             if stopped.is_set():
-                _end_group(child)
+                _end_group(child, signals=((signal.SIGKILL, 5),))
                 break
             if time.monotonic() - start > limit_s:
                 timed_out = True
@@ -235,9 +236,9 @@ def run_child(argv: Sequence[str], limit_s: float, log_path: Path, env: Dict[str
     return ('ok' if child.returncode == 0 else f'failed (exit {child.returncode})'), seconds
 
 
-def _end_group(child: subprocess.Popen) -> None:
-    """SIGTERM to the child's own process group (its data loader workers too), SIGKILL 10 s later."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+def _end_group(child: subprocess.Popen, signals=((signal.SIGTERM, 10), (signal.SIGKILL, 5))) -> None:
+    """Signal the child's own process group (its data loader workers too): SIGTERM, then SIGKILL 10 s later."""
+    for sig, wait in signals:
         try:
             os.killpg(child.pid, sig)
         except ProcessLookupError:
@@ -453,7 +454,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--out', type=Path, default=REPO_ROOT / 'output' / 'gpu_report',
-                        help='folder for report.json, report.md, logs/ and the synthetic data')
+                        help='folder for report.json, report.md, json/, logs/ and main.py\'s run folders')
+    parser.add_argument('--data-dir', type=Path, default=None,
+                        help='synthetic ImageFolder for main.py (about 200 MB for van_b2; created or topped up; '
+                             'default OUT/synthetic_imagefolder)')
     parser.add_argument('--budget-s', type=float, default=DEFAULT_BUDGET_S,
                         help='global deadline in seconds; steps are cut or skipped to keep it')
     parser.add_argument('--steps', default=None, metavar='NAME,...', help='run only these steps (see --list)')
@@ -479,18 +483,20 @@ def main(argv=None) -> int:
         print(f'error: {error}', file=sys.stderr, flush=True)
         return 2
     return run_plan(steps, settings, environment, args.out, args.budget_s, args.python, dry_run=args.dry_run,
-                    echo=not args.quiet)
+                    echo=not args.quiet, data_dir=args.data_dir)
 
 
 def run_plan(steps: Sequence[Step], settings: Settings, environment: Dict, out: Path, budget_s: float,
-             python: str, dry_run: bool = False, echo: bool = True) -> int:
+             python: str, dry_run: bool = False, echo: bool = True, data_dir: Optional[Path] = None) -> int:
     deadline = time.monotonic() + budget_s
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED='1', **dict(settings.child_env))
+    # Batch 256 of van_b2 nears an 80 GB H100's memory: expandable segments keep fragmentation from failing it.
+    env.setdefault('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')
     report = dict(tool='tools/gpu_report.py', started=datetime.datetime.now().isoformat(timespec='seconds'),
                   dry_run=dry_run, budget_s=budget_s, settings=dataclasses.asdict(settings), environment=environment,
                   steps=[], rows=[], profiles=[], main_runs=[])
-    data_dir = out / 'synthetic_imagefolder'
+    data_dir = data_dir or out / 'synthetic_imagefolder'
     data_ready = False
     print(f'VAN GPU measurement: {environment.get("gpu", settings.device)}, torch {environment["torch"]}, '
           f'{len(steps)} steps, budget {budget_s:.0f} s, results in {out}', flush=True)
