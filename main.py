@@ -65,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--pretrained', default=None, metavar='PATH',
                        help='start from these weights (official, timm-style checkpoint or HuggingFace file)')
     group.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
-    group.add_argument('--lka-impl', default='auto', choices=('auto', 'plain', 'fast'),
-                       help='implementation of the large-kernel attention convolutions')
+    group.add_argument('--lka-impl', default='auto', choices=models.lka_impls(),
+                       help="implementation of the block's depthwise convolutions: auto (= fast: faster on CPU, "
+                            "nn.Conv2d elsewhere), plain (nn.Conv2d), polyphase or triton (CUDA candidates, "
+                            "not yet measured; tools/gpu_benchmark.sh)")
     group.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s, 224)')
     group.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction (default 0.9)')
     group.add_argument('--mean', type=float, nargs=3, default=None, metavar='M', help='normalisation mean')
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f'stochastic depth rate (default: the variant\'s recipe value, {_recipe_drop_paths()})')
     group.add_argument('--channels-last', action='store_true', help='run the model in channels_last memory format')
     group.add_argument('--compile', action='store_true', help='torch.compile the model')
+    group.add_argument('--cudnn-benchmark', action='store_true',
+                       help='let cuDNN time its algorithms for each new input shape (fixed-size training on CUDA)')
     group.add_argument('--sync-bn', action='store_true', help='synchronise BatchNorm statistics across devices')
     group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
                        help='after each epoch average (reduce) or copy rank 0\'s (broadcast) BN statistics')
@@ -388,6 +392,10 @@ def run(args) -> None:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    logger.info(f'lka_impl {model.lka_impl}, memory format {"channels_last" if args.channels_last else "NCHW"}, '
+                f'torch.compile {"on" if args.compile else "off"}, '
+                f'cudnn.benchmark {"on" if args.cudnn_benchmark else "off"}')
     if args.sync_bn and dist_env.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = create_optimizer(model, device, args.opt, args.lr, args.weight_decay, args.momentum,

@@ -16,6 +16,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .van import ALIASES, RECIPE_DROP_PATH, VAN, VARIANTS, lka_impls, register_lka_impl, resolve_lka_impl
 from .fast_conv import FastConv2d
+from .polyphase_conv import PolyphaseConv2d
+from .triton_lka import TritonConv2d
 from .weights import UnsafeFileError, load_pretrained, load_weights, safe_load
 
 __all__ = ['VAN', 'VARIANTS', 'ALIASES', 'MODEL_NAMES', 'UnsafeFileError', 'safe_load', 'load_pretrained', 'load_weights',
@@ -26,6 +28,11 @@ MODEL_NAMES = (*VARIANTS, *ALIASES)
 # 'auto' = 'fast': measured faster on CPU (tools/benchmark.py, README), and identical to nn.Conv2d
 # on CUDA/NPU, where FastConv2d runs the vendor kernels itself.
 register_lka_impl('fast', FastConv2d, use_for_auto=True)
+# GPU candidates, opt-in only: unmeasured, so 'auto' never picks them (tools/gpu_benchmark.sh measures them).
+# 'polyphase': the dilated LKA conv as a dense conv on its 3x3 phases, on any device.
+# 'triton': Triton kernels for every depthwise conv on CUDA (MLP GELU fused); nn.Conv2d elsewhere.
+register_lka_impl('polyphase', PolyphaseConv2d)
+register_lka_impl('triton', TritonConv2d)
 
 
 def recipe_drop_path(model_name: str) -> float:

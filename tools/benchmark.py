@@ -4,6 +4,8 @@
     python tools/benchmark.py --impls plain,fast-no-native,fast                      # + PyTorch-only fast path
     python tools/benchmark.py --model van_b2 -b 128 --device cuda --dtype bfloat16 --compile
     python tools/benchmark.py --data-path data/demo -b 64 -j 2                      # loading alone
+    python tools/benchmark.py --model van_b2 -b 128 --device cuda --channels-last --cudnn-benchmark \
+        --dtype float16 --impls plain,polyphase,triton --profile                     # + time per kernel class
 
 A training step is forward + cross-entropy + backward + AdamW step; inference is a forward under
 `torch.inference_mode` in eval mode. All implementations are built first and then timed in
@@ -11,7 +13,9 @@ interleaved rounds (plain, fast, plain, fast, ...), so a busy machine slows them
 ratio stays meaningful. Rows: `plain` is nn.Conv2d in NCHW, exactly what the reference computes;
 `fast` is the default fast path (`lka_impl='fast'`), with the native C depthwise kernels on CPU where
 they built (models/native_kernels.py); `fast-no-native` is the fast path on PyTorch's kernels only;
-`+compile` rows wrap them in torch.compile.
+`polyphase` and `triton` are the GPU candidates (models/polyphase_conv.py, models/triton_lka.py);
+`+compile` rows wrap them in torch.compile. `--profile` adds, per training row, one profiled step's time
+by kernel class (utils/step_profile.py).
 float16/bfloat16 run under autocast (one code path: autocast is disabled for float32).
 On CPU the host allocator keeps freed memory, as main.py does (utils/device.py
 `keep_freed_host_memory`), for every row alike; `--default-malloc` measures glibc's default
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the VAN variants with timm)
 import timm  # noqa: E402
 from models import native_kernels  # noqa: E402
+from utils.step_profile import breakdown, profile_step  # noqa: E402
 from utils.device import keep_freed_host_memory  # noqa: E402
 
 NO_NATIVE = '-no-native'
@@ -55,6 +60,10 @@ def get_parser() -> argparse.ArgumentParser:
                         help='comma-separated lka_impl values to compare; NAME-no-native runs NAME with the '
                              'native CPU kernels switched off')
     parser.add_argument('--compile', action='store_true', help='add torch.compile rows for every implementation')
+    parser.add_argument('--cudnn-benchmark', action='store_true',
+                        help='let cuDNN time its algorithms per input shape (torch.backends.cudnn.benchmark)')
+    parser.add_argument('--profile', action='store_true',
+                        help='after timing, profile one training step per row: time by kernel class')
     parser.add_argument('--mode', default='both', choices=['train', 'infer', 'both'])
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per row before timing')
     parser.add_argument('--repeats', type=int, default=5, help='timed steps per row (median reported)')
@@ -160,6 +169,9 @@ def benchmark_models(args, device):
             entry = dict(mode=mode, impl=row['name'], **_summary(times[row['name']], args.batch_size))
             base = base or entry['images_per_s']
             entry['speedup'] = entry['images_per_s'] / base
+            if args.profile and mode == 'train':
+                with row['context']():
+                    entry['profile'] = breakdown(profile_step(lambda: step(row), device))
             results.append(entry)
     return results
 
@@ -214,6 +226,9 @@ def main(argv=None):
         setting = (f'{args.model}, batch {args.batch_size}, {args.img_size}px, {args.dtype}, '
                    f'{"channels_last" if args.channels_last else "NCHW"} input, {device} ({name}), '
                    f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        if device.type == 'cuda':
+            setting += f', cudnn.benchmark {"on" if args.cudnn_benchmark else "off"}'
         if device.type == 'cpu':
             kept = not args.default_malloc and keep_freed_host_memory()
             setting += ', host memory: ' + ('freed memory kept' if kept else 'glibc default')
@@ -225,6 +240,11 @@ def main(argv=None):
     for r in results:
         print(f'{r["mode"]:<6} {r["impl"]:<16} {r["images_per_s"]:9.2f} {r["min"]:8.2f} {r["max"]:8.2f} '
               f'{r["step_ms"]:9.1f} {r["speedup"]:7.2f}x')
+    for r in results:
+        if 'profile' in r:
+            print(f'profiled training step, {r["impl"]}: ms by kernel class (top kernel)')
+            for c in r['profile']:
+                print(f'  {c["class"]:<30} {c["ms"]:9.2f} {100 * c["share"]:5.1f}%  {c["top"][0][0][:70]}')
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(setting=setting, args=vars(args), results=results), indent=2))

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
+
+# Without a CUDA device, Triton kernels (models/triton_lka.py) are tested in Triton's CPU interpreter, which
+# must be chosen before triton is imported (timm imports it, so before any test module loads). It only
+# changes how Triton kernels run; nothing else in the suite runs one.
+if 'TRITON_INTERPRET' not in os.environ and not torch.cuda.is_available():
+    os.environ['TRITON_INTERPRET'] = '1'
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:

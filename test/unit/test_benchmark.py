@@ -47,6 +47,16 @@ def test_no_native_rows_run_the_fast_path_on_pytorchs_kernels(monkeypatch):
     assert seen and not any(seen)  # asked, and always answered no
 
 
+def test_profile_adds_time_by_kernel_class_to_training_rows(capsys):
+    results = benchmark.main(['--model', 'van_b0', '-b', '2', '--img-size', '32', '--num-classes', '10',
+                              '--device', 'cpu', '--warmup', '1', '--repeats', '1', '--mode', 'train',
+                              '--impls', 'plain,polyphase', '--profile', '--cudnn-benchmark'])
+    for row in results:
+        classes = {c['class'] for c in row['profile']}
+        assert {'depthwise forward', '1x1 conv / GEMM', 'optimizer + loss scaling'} <= classes
+    assert 'profiled training step, polyphase' in capsys.readouterr().out
+
+
 def test_data_pipeline_alone(shapes_dataset, capsys):
     results = benchmark.main(['--data-path', str(shapes_dataset), '-b', '4', '--img-size', '32', '-j', '0',
                               '--batches', '3', '--warmup', '1'])
