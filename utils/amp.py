@@ -11,6 +11,7 @@ The apex gate lives here and nowhere else.
 import contextlib
 import functools
 import importlib
+import math
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -46,7 +47,7 @@ def parse_loss_scale(value: str):
         number = float(value)
     except ValueError:
         number = -1.0
-    if not number > 0:
+    if not (number > 0 and math.isfinite(number)):
         raise ValueError(f"--loss-scale must be 'dynamic' or a positive number, got {value!r}")
     return number
 

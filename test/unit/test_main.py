@@ -258,7 +258,7 @@ def test_defaults_are_the_reference_recipe():
     (['--amp-backend', 'apex'], 'only apply with --amp'),
     (['--amp', '--opt-level', 'O2', '--amp-backend', 'native'], 'O1 only'),
     (['--amp', '--loss-scale', 'big'], '--loss-scale'),
-    (['--epochs', '0'], '--epochs must be at least 1'),
+    (['--epochs', '0'], 'argument --epochs: expected an integer >= 1'),
     ([], 'dataset root is required'),
 ])
 def test_invalid_combinations_fail_at_start(argv, message, capsys):
@@ -315,3 +315,90 @@ def test_eval_with_weights_of_another_class_count_is_refused(shapes_dataset, tmp
     err = capsys.readouterr().err
     assert code == 2
     assert 'ten_classes.pth.tar' in err and '10 classes' in err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--lr', '-1'], 'argument --lr: expected a number > 0'),
+    (['--lr', 'nan'], 'argument --lr'),
+    (['--warmup-lr', 'nan'], 'argument --warmup-lr'),
+    (['--drop-path', '2'], 'argument --drop-path'),
+    (['--smoothing', '1.5'], 'argument --smoothing'),
+    (['--std', '0', '0', '0'], 'argument --std: expected a number > 0'),
+    (['--recount', '-1'], 'argument --recount'),
+    (['--weight-decay', '-0.1'], 'argument --weight-decay'),
+    (['--mixup-prob', '2'], 'argument --mixup-prob'),
+    (['--model-ema-decay', '1.5'], 'argument --model-ema-decay'),
+    (['--crop-pct', '0'], 'argument --crop-pct'),
+    (['--clip-grad', '-1'], 'argument --clip-grad'),
+    (['--img-size', '-5'], 'argument --img-size'),
+    (['--seed', '-3'], 'argument --seed'),
+    (['--loss-scale', 'inf', '--amp'], '--loss-scale'),
+    (['--sched', 'bogus'], "Unknown scheduler 'bogus'"),
+    (['--opt', 'adamx'], "'adamx' is not an optimizer timm knows; did you mean adamax"),
+    (['--aa', 'rand-x9'], 'not an auto-augment policy'),
+    (['--interpolation', 'cubic'], "'cubic' is not an interpolation"),
+    (['--train-interpolation', 'cubic'], "'cubic' is not an interpolation"),
+    (['--remode', 'noise'], 'argument --remode'),
+    (['--model', 'van_b9'], 'argument --model'),
+    (['--sched', 'plateau', '--sched-on-updates'], 'Plateau LR only supports step per epoch'),
+    (['--opt-betas', '0.9'], "optimizer 'adamw' cannot be used with these settings (--opt-betas [0.9])"),
+    (['--scale', '0.9', '0.1'], '--scale takes a range'),
+])
+def test_invalid_values_fail_at_start_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(['--data_path', 'd', *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('text, message', [
+    ('batch_size: [8, 16]\n', 'batch_size (--batch-size): expected one value'),
+    ('batch-size: 8.5\n', 'batch_size (--batch-size): expected an integer >= 1'),
+    ('epochs: 1.5\n', 'epochs (--epochs): expected an integer'),
+    ('clip_mode: bogus\n', "clip_mode (--clip-mode): invalid choice: 'bogus'"),
+    ('amp: "false"\n', "amp (--amp): expected true or false, got 'false'"),
+    ('amp: 1\n', 'amp (--amp): expected true or false'),
+    ('lr: -1\n', 'lr (--lr): expected a number > 0'),
+    ('lr: true\n', 'lr (--lr)'),
+    ('mean: 0.5\n', 'mean (--mean): expected a list of 3 values'),
+    ('std: [1, 1]\n', 'std (--std): expected 3 values'),
+    ('opt: bogus\n', "opt (--opt): 'bogus' is not an optimizer"),
+    ('epochs: null\n', 'epochs (--epochs): needs a value'),
+    ('model: {name: van_b0}\n', 'model (--model): expected one value'),
+    ('- lr\n', 'must be a mapping'),
+    ('lr: [0.1\n', 'is not valid YAML'),
+])
+def test_config_values_follow_the_command_line_rules(tmp_path, text, message, capsys):
+    config = tmp_path / 'cfg.yaml'
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(['--data_path', 'd', '-c', str(config)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_that_is_binary_is_one_message(tmp_path, capsys):
+    config = tmp_path / 'weights.pth'
+    torch.save({'w': torch.randn(64)}, config)
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(['--data_path', 'd', '-c', str(config)])
+    assert exit_info.value.code == 2
+    assert 'weights.pth' in capsys.readouterr().err
+
+
+def test_config_values_are_converted_like_the_command_line(tmp_path):
+    config = tmp_path / 'cfg.yaml'
+    # YAML 1.1 reads 1e-3 (no dot) as a string: the option's own type reads it as the command line would.
+    config.write_text('lr: 1e-3\nmean: [0, 0.5, 1]\nscale: [0.5, 1]\namp: false\nnum_classes: null\nmodel_ema: on\n')
+    args = main.parse_args(['--data_path', 'd', '-c', str(config)])
+    assert args.lr == 1e-3 and args.mean == [0.0, 0.5, 1.0] and args.scale == [0.5, 1.0]
+    assert args.amp is False and args.num_classes is None and args.model_ema is True
+
+
+def test_wrong_option_values_in_a_subprocess_are_one_line_without_traceback(tmp_path, subprocess_env, repo_root):
+    config = tmp_path / 'cfg.yaml'
+    config.write_text('batch_size: [8, 16]\n')
+    for argv in (['-c', config], ['--opt', 'nonsense'], ['--std', '0', '0', '0']):
+        result = run_main(['--data_path', tmp_path, *argv], subprocess_env, repo_root, timeout=120)
+        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith('main.py: error: ')
