@@ -8,6 +8,7 @@
 This file only wires the parts in utils/ together; see `build_parser` for every option.
 """
 import argparse
+import contextlib
 import datetime
 import functools
 import os
@@ -24,7 +25,8 @@ from timm.utils import ModelEmaV3
 
 from utils.data_layout import DatasetLayoutError, check_dataset_layout
 from utils.images import BadImageError
-from utils.output_dir import CHECKPOINTS_ON_DISK, OutputDirError, check_output_dir, estimate_checkpoint_bytes
+from utils.output_dir import (CHECKPOINTS_ON_DISK, OutputDirError, RunDirLock, check_output_dir,
+                              estimate_checkpoint_bytes)
 from utils.preemption import RECOVERY_FILE, Preempted
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, create_precision, parse_loss_scale
 from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteError, ResumePoint, find_resume_checkpoint,
@@ -353,15 +355,20 @@ def find_checkpoint(args, run_dir: str, logger):
     return None, None
 
 
-def run(args) -> None:
+def run(args, resources: contextlib.ExitStack) -> None:
+    """The whole run; what it must hold until it ends (the run dir lock) goes on `resources`."""
     dist_env = init_distributed_device(args.device, args.local_rank, args.dist_timeout)
     device = dist_env.device
     run_dir = None if args.eval else resolve_run_dir(args)
+    run_lock = None
     if run_dir and dist_env.is_main:
         check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
+        run_lock = resources.enter_context(RunDirLock(run_dir))  # before touching anything in it
         remove_partial_files(run_dir)
     logger = setup_logger(dist_env.is_main, os.path.join(run_dir, 'log.txt') if run_dir else None)
     logger.info(f'device {device}, world size {dist_env.world_size}' + (f', run dir {run_dir}' if run_dir else ''))
+    if run_lock and run_lock.describe_takeover():
+        logger.info(run_lock.describe_takeover())
     if run_dir and dist_env.is_main:
         with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
             yaml.safe_dump(plain_args(args), f, sort_keys=True)
@@ -459,7 +466,8 @@ def run(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with contextlib.ExitStack() as resources:
+            run(args, resources)
     except USER_ERRORS + (ModelError,) as error:
         print(f'error: {error}', file=sys.stderr, flush=True)
         return 2
