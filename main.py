@@ -370,8 +370,12 @@ def run(args, resources: contextlib.ExitStack) -> None:
     if run_lock and run_lock.describe_takeover():
         logger.info(run_lock.describe_takeover())
     if run_dir and dist_env.is_main:
-        with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(plain_args(args), f, sort_keys=True)
+        try:
+            with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
+                yaml.safe_dump(plain_args(args), f, sort_keys=True)
+        except OSError as error:
+            raise OutputDirError(f'cannot write {os.path.join(run_dir, "args.yaml")}: {error.strerror}; free disk '
+                                 'space or choose another --output') from None
 
     check_dataset_layout(args.data_path, need_train=not args.eval)  # before anything expensive
     train_dir, _ = find_split_dirs(args.data_path)

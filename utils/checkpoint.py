@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from models.weights import safe_load
+from utils.nonfinite import NonFiniteStateError, nonfinite_tensors
 from utils.preemption import RECOVERY_FILE
 
 CHECKPOINT_FILES = ('last.pth.tar', 'model_best.pth.tar', RECOVERY_FILE)
@@ -228,6 +229,16 @@ def restore_training(checkpoint: dict, path: str, model, optimizer, scheduler, p
         recovery=None if weights_only else checkpoint.get('recovery'))
 
 
+def _refuse_nonfinite(state: dict, what: str) -> None:
+    """The saver's own guard (training checks every rank first, utils.nonfinite.check_finite_state): a state
+    with NaN or inf weights or statistics is never written, so it can never replace a good file."""
+    bad = nonfinite_tensors((state.get('state_dict') or {}).items())
+    bad += [f'EMA {name}' for name in nonfinite_tensors((state.get('state_dict_ema') or {}).items())]
+    if bad:
+        raise NonFiniteStateError(f'not saving {what}: {len(bad)} tensors hold NaN or inf ({", ".join(bad[:5])}'
+                                  f'{" ..." if len(bad) > 5 else ""}); the checkpoints already written are kept')
+
+
 class CheckpointSaver:
     """Writes last/best/history checkpoints of one run, keeping the best `max_history` epochs."""
 
@@ -243,6 +254,7 @@ class CheckpointSaver:
 
     def save(self, state: dict, epoch: int, metric: float):
         """Save epoch `epoch` (whose metric is higher-is-better); returns the best (metric, epoch)."""
+        _refuse_nonfinite(state, f'epoch {epoch}')
         is_best = self.best is None or metric > self.best[0]
         if is_best:
             self.best = (metric, epoch)
@@ -277,6 +289,7 @@ class CheckpointSaver:
     def save_recovery(self, state: dict, epoch: int, record: dict) -> str:
         """Write the recovery checkpoint of a point inside `epoch` (record: utils.preemption.recovery_record);
         it carries the best and the history so that a run resumed from it keeps them. Returns its path."""
+        _refuse_nonfinite(state, f'the recovery point in epoch {epoch}')
         atomic_save(dict(state, epoch=epoch - 1, checkpoint_history=[list(h) for h in self.history],
                          best_metric=self.best[0] if self.best else None,
                          best_epoch=self.best[1] if self.best else None, recovery=record), self.recovery_path)

@@ -89,3 +89,18 @@ def test_reading_missing_or_foreign_files_fails_clearly(tmp_path):
     torch.save({'state_dict': {}}, weights)
     with pytest.raises(CheckpointError, match='--pretrained'):
         read_training_checkpoint(str(weights))
+
+
+def test_saver_refuses_a_state_with_nan_or_inf_and_keeps_the_previous_files(tmp_path):
+    from utils.nonfinite import NonFiniteLossError
+    saver = CheckpointSaver(str(tmp_path), max_history=5)
+    saver.save(state(1.0), 0, 10.0)
+    poisoned = dict(state(1.0), state_dict={'w': torch.ones(2), 'bn.running_var': torch.tensor([1.0, float('inf')])})
+    with pytest.raises(NonFiniteLossError, match=r'not saving epoch 1: 1 tensors hold NaN or inf \(bn\.running_var\)'):
+        saver.save(poisoned, 1, 99.0)  # a better metric must not make it the best either
+    with_ema = dict(state(1.0), state_dict_ema={'w': torch.tensor([float('nan'), 0.0])})
+    with pytest.raises(NonFiniteLossError, match='EMA w'):
+        saver.save_recovery(with_ema, 1, {'epoch': 1, 'steps_done': 1})
+    assert saver.best == (10.0, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    assert read_training_checkpoint(str(tmp_path / 'last.pth.tar'))['epoch'] == 0

@@ -762,3 +762,19 @@ def test_a_second_run_in_the_same_run_dir_stops_and_leaves_the_first_alone(shape
         output = first.stdout.read()
         first.wait(timeout=120)
     assert 'Traceback' not in output
+
+
+@pytest.mark.slow
+def test_float16_run_whose_statistics_overflow_saves_nothing_non_finite(shapes_dataset, tmp_path, subprocess_env):
+    # An absurd learning rate under the float16 scaler: the scaler skips the overflowing steps, but their
+    # forward passes turn the BatchNorm statistics into NaN while the loss guard still waits.
+    args = _main_args(shapes_dataset, tmp_path, 'fp16', '--epochs', '1', '--max-steps-per-epoch', '3', '--mixup', '0',
+                      '--cutmix', '0', '--amp', '--amp-dtype', 'float16', '--lr', '1e30')
+    result = _run_main(args, subprocess_env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert 'Traceback' not in result.stderr
+    assert re.search(r'error: the model state after epoch 0 holds NaN or inf in \d+ tensors \(model: \d+ tensors '
+                     r'\(\S+running_', result.stderr)
+    assert 'still updated the BatchNorm statistics' in result.stderr
+    assert re.search(r'not saving the state after epoch 0: \d+ tensors hold NaN or inf', result.stdout)
+    assert not list((tmp_path / 'fp16').glob('*.pth.tar*'))
