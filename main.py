@@ -30,7 +30,8 @@ from utils.output_dir import (CHECKPOINTS_ON_DISK, OutputDirError, RunDirLock, c
 from utils.preemption import RECOVERY_FILE, Preempted
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, create_precision, parse_loss_scale
 from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteError, ResumePoint, find_resume_checkpoint,
-                              read_training_checkpoint, remove_partial_files, restore_training, training_state)
+                              read_training_checkpoint, remove_partial_files, restore_training, run_options,
+                              training_state)
 from utils.curves import plot_run_curves
 from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
                         build_train_criterion, find_class_map, find_split_dirs)
@@ -335,16 +336,56 @@ def schedule_options(args: dict) -> dict:
     return {k: args.get(k) for k in SCHEDULE_OPTIONS}
 
 
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 def plain_args(args) -> dict:
     """args as a dict of plain values (loadable with weights_only=True, writable as YAML)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+    return {k: _plain(v) for k, v in vars(args).items()}
+
+
+def save_run_args(run_dir: str, args) -> None:
+    """<run dir>/args.yaml: the options the run uses."""
+    path = os.path.join(run_dir, 'args.yaml')
+    try:
+        with open(path, 'w') as f:
+            yaml.safe_dump(plain_args(args), f, sort_keys=True)
+    except OSError as error:
+        raise OutputDirError(f'cannot write {path}: {error.strerror}; free disk space or choose another --output') from None
+
+
+# A resumed run continues with the optimizer it was saved with: the optimizer state fits no other class,
+# and loading it restores these settings anyway. (The learning rate belongs to the schedule, SCHEDULE_OPTIONS.)
+OPTIMIZER_OPTIONS = ('opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay')
+
+
+def adopt_optimizer_options(args, checkpoint: dict, path: str, logger) -> bool:
+    """Set args' optimizer options to those stored in the checkpoint (checked by the options' own rules),
+    with one log line naming what changed; returns whether anything did."""
+    saved = run_options(checkpoint)
+    try:
+        saved = convert_values(build_parser(), {k: saved[k] for k in OPTIMIZER_OPTIONS if k in saved},
+                               f'the options stored in {path!r}')
+    except OptionError as error:
+        raise CheckpointError(str(error)) from None
+    changed = {k: v for k, v in saved.items() if _plain(v) != _plain(getattr(args, k))}
+    if not changed:
+        return False
+    flags = ', '.join(f'--{k.replace("_", "-")} {v if not isinstance(v, list) else " ".join(map(str, v))} '
+                      f'(not {getattr(args, k)})' for k, v in changed.items())
+    logger.info(f'resuming with the optimizer settings of {path}: {flags}; a run keeps its optimizer when it '
+                'resumes (to change it, start a new run from these weights with --pretrained)')
+    for key, value in changed.items():
+        setattr(args, key, value)
+    return True
 
 
 def find_checkpoint(args, run_dir: str, logger):
     """(path, checkpoint) named by --resume, or (None, None) when there is none to resume."""
     if args.resume == 'auto':
         search_dir = os.path.join(args.output, args.experiment) if args.eval else run_dir
-        found = find_resume_checkpoint(search_dir)
+        found = find_resume_checkpoint(search_dir, logger)
         if found is None and args.eval:
             raise CheckpointError(f'no checkpoint to evaluate in {search_dir!r}')
         if found is None:
@@ -370,12 +411,7 @@ def run(args, resources: contextlib.ExitStack) -> None:
     if run_lock and run_lock.describe_takeover():
         logger.info(run_lock.describe_takeover())
     if run_dir and dist_env.is_main:
-        try:
-            with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
-                yaml.safe_dump(plain_args(args), f, sort_keys=True)
-        except OSError as error:
-            raise OutputDirError(f'cannot write {os.path.join(run_dir, "args.yaml")}: {error.strerror}; free disk '
-                                 'space or choose another --output') from None
+        save_run_args(run_dir, args)
 
     check_dataset_layout(args.data_path, need_train=not args.eval)  # before anything expensive
     train_dir, _ = find_split_dirs(args.data_path)
@@ -410,6 +446,10 @@ def run(args, resources: contextlib.ExitStack) -> None:
         model.to(memory_format=torch.channels_last)
     if args.sync_bn and dist_env.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    checkpoint_path, checkpoint = find_checkpoint(args, run_dir, logger)
+    if checkpoint is not None and not args.eval and adopt_optimizer_options(args, checkpoint, checkpoint_path, logger) \
+            and dist_env.is_main:
+        save_run_args(run_dir, args)
     optimizer = create_optimizer(model, device, args.opt, args.lr, args.weight_decay, args.momentum,
                                  args.opt_eps, args.opt_betas)
     model, optimizer, precision = create_precision(model, optimizer, device, args.amp, args.amp_backend,
@@ -424,12 +464,12 @@ def run(args, resources: contextlib.ExitStack) -> None:
         optimizer, args.epochs, args.cooldown_epochs, args.warmup_epochs, args.warmup_lr, args.min_lr,
         args.sched, args.decay_epochs, args.decay_rate, args.sched_on_updates, steps_per_epoch)
 
-    checkpoint_path, checkpoint = find_checkpoint(args, run_dir, logger)
     resume = ResumePoint()
     if checkpoint is not None:
-        same_schedule = schedule_options(checkpoint.get('args') or {}) == schedule_options(vars(args))
+        same_schedule = schedule_options(run_options(checkpoint)) == schedule_options(vars(args))
         resume = restore_training(checkpoint, checkpoint_path, model, optimizer, scheduler, precision, model_ema,
-                                  class_to_idx, run_dir, logger, keep_schedule=same_schedule, weights_only=args.eval)
+                                  class_to_idx, run_dir, logger, keep_schedule=same_schedule, weights_only=args.eval,
+                                  train_samples=len(train_set) if train_set is not None else None)
 
     eval_model = torch.compile(model) if args.compile else model
     train_model = eval_model
@@ -449,7 +489,7 @@ def run(args, resources: contextlib.ExitStack) -> None:
     criterion = build_train_criterion(mixup_fn, args.smoothing)
     saver = CheckpointSaver(run_dir, args.checkpoint_hist, resume.history, resume.best) if dist_env.is_main else None
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, args.model,
-                              plain_args(args), class_to_idx)
+                              plain_args(args), class_to_idx, len(train_set))
     tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, 'tensorboard'), dist_env.is_main, logger)
     best = fit(model, train_model, eval_model, train_loader, val_loader, criterion, optimizer, scheduler, precision,
                device, dist_env, logger, run_dir, saver, state, start_epoch=resume.epoch, total_epochs=total_epochs,

@@ -402,3 +402,57 @@ def test_wrong_option_values_in_a_subprocess_are_one_line_without_traceback(tmp_
         result = run_main(['--data_path', tmp_path, *argv], subprocess_env, repo_root, timeout=120)
         assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith('main.py: error: ')
+
+
+ONE_STEP = [*FAST, *EASY, '--max-steps-per-epoch', '1']
+
+
+@pytest.mark.slow
+def test_resuming_an_sgd_run_without_repeating_opt_continues_with_sgd(shapes_dataset, tmp_path, capsys):
+    common = ['--data_path', str(shapes_dataset), *ONE_STEP, '--output', str(tmp_path), '--experiment', 'sgd']
+    assert main.main([*common, '--epochs', '1', '--opt', 'sgd', '--momentum', '0.8']) == 0
+    capsys.readouterr()
+    assert main.main([*common, '--epochs', '2', '--resume', 'auto']) == 0
+    out = capsys.readouterr().out
+    assert '--opt sgd (not adamw), --momentum 0.8 (not 0.9)' in out and 'optimizer SGD' in out
+    checkpoint = safe_load(tmp_path / 'sgd' / 'last.pth.tar')
+    assert checkpoint['epoch'] == 1 and checkpoint['args']['opt'] == 'sgd'
+    assert checkpoint['optimizer']['param_groups'][0]['momentum'] == 0.8
+    assert yaml.safe_load((tmp_path / 'sgd' / 'args.yaml').read_text())['opt'] == 'sgd'
+
+
+def test_resume_auto_when_every_checkpoint_is_corrupt_stops_and_keeps_them(shapes_dataset, tmp_path, capsys):
+    run_dir = tmp_path / 'broken'
+    run_dir.mkdir()
+    (run_dir / 'last.pth.tar').write_bytes(b'PK\x03\x04 cut off by a full disk')
+    (run_dir / 'checkpoint-4.pth.tar').write_bytes(b'\x80\x02 garbage')
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    code = main.main(['--data_path', str(shapes_dataset), *ONE_STEP, '--epochs', '1', '--output', str(tmp_path),
+                      '--experiment', 'broken', '--resume', 'auto'])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert 'no checkpoint in' in err and 'last.pth.tar' in err and 'checkpoint-4.pth.tar' in err
+    assert {p.name: p.read_bytes() for p in run_dir.glob('*.pth.tar')} == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('train_per_class', [3, 13])  # 12 images now (shrunk below the point), or 52 (grown)
+def test_a_recovery_point_in_a_training_set_that_changed_size_is_refused(shapes_dataset, make_dataset, tmp_path,
+                                                                          capsys, train_per_class):
+    common = [*ONE_STEP, '--output', str(tmp_path), '--experiment', 'run']
+    assert main.main(['--data_path', str(shapes_dataset), *common, '--epochs', '2']) == 0
+    run_dir = tmp_path / 'run'
+    checkpoint = safe_load(run_dir / 'last.pth.tar')  # epoch 1 done; then stopped after 4 steps of epoch 2
+    checkpoint['recovery'] = dict(epoch=2, steps_done=4, samples_seen=32, num_updates=2, rng=[])
+    checkpoint.setdefault('train_samples', 48)
+    torch.save(checkpoint, run_dir / 'recovery.pth.tar')
+    capsys.readouterr()
+    changed = make_dataset({'train': {name: train_per_class for name in ('circle_red', 'square_green',
+                                                                           'triangle_blue', 'cross_yellow')},
+                            'val': {'circle_red': 1, 'square_green': 1, 'triangle_blue': 1, 'cross_yellow': 1}})
+    code = main.main(['--data_path', str(changed), *common, '--epochs', '3', '--resume', 'auto'])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f'stopped after 32 images of epoch 2 of a training set of 48 images, but the training set now holds ' \
+           f'{4 * train_per_class}' in err
+    assert f'--resume {run_dir / "last.pth.tar"}' in err
