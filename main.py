@@ -308,15 +308,18 @@ def resolve_run_dir(args) -> str:
     return os.path.join(args.output, f'{stamp}-{args.model}-{args.img_size or 224}')
 
 
-def create_model(args, num_classes: int):
+def create_model(args, num_classes: int, class_to_idx=None, logger=None):
+    """The model, with the --pretrained weights whose head rows are matched to the dataset's classes
+    (`class_to_idx`) by name when the file names its classes; evaluation never runs a fresh head."""
     kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                   lka_impl=args.lka_impl)
-    if args.pretrained and not args.eval:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=args.pretrained))
     try:
         model = timm.create_model(args.model, **kwargs)
-        if args.pretrained and args.eval:  # evaluation needs the file's own head, never a fresh one
-            load_pretrained(model, args.pretrained, args.model, require_head=True)
+        if args.pretrained:
+            for note in load_pretrained(model, args.pretrained, args.model, require_head=args.eval,
+                                        class_to_idx=class_to_idx):
+                if logger is not None:
+                    logger.info(note)
         return model
     except (FileNotFoundError, ValueError) as error:  # the models package's messages name the fix
         raise ModelError(f'cannot build {args.model!r}: {error}') from None
@@ -422,7 +425,7 @@ def run(args, resources: contextlib.ExitStack) -> None:
                            f'in {train_dir!r}')
 
     set_seed(args.seed)  # same initial weights on every rank
-    model = create_model(args, num_classes)
+    model = create_model(args, num_classes, classes, logger)
     if run_dir and dist_env.is_main:
         check_output_dir(run_dir, CHECKPOINTS_ON_DISK * estimate_checkpoint_bytes(model, ema=args.model_ema))
     config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean,

@@ -456,3 +456,32 @@ def test_a_recovery_point_in_a_training_set_that_changed_size_is_refused(shapes_
     assert f'stopped after 32 images of epoch 2 of a training set of 48 images, but the training set now holds ' \
            f'{4 * train_per_class}' in err
     assert f'--resume {run_dir / "last.pth.tar"}' in err
+
+
+@pytest.mark.slow
+def test_eval_of_pretrained_weights_whose_classes_are_numbered_differently(trained_run, shapes_dataset, tmp_path,
+                                                                           capsys):
+    run_dir, _ = trained_run
+    checkpoint = safe_load(run_dir / 'last.pth.tar')
+    # The same weights as saved by a run whose class folders sorted the other way round.
+    names = sorted(checkpoint['class_to_idx'], key=checkpoint['class_to_idx'].get)[::-1]
+    rows = [checkpoint['class_to_idx'][name] for name in names]
+    state_dict = dict(checkpoint['state_dict'], **{k: checkpoint['state_dict'][k][rows] for k in ('head.weight',
+                                                                                               'head.bias')})
+    reordered = tmp_path / 'reordered.pth.tar'
+    torch.save({'state_dict': state_dict, 'class_to_idx': {name: i for i, name in enumerate(names)}}, reordered)
+    code = main.main(['--data_path', str(shapes_dataset), '--img-size', '32', '-b', '8', '-j', '0', '--eval',
+                      '--pretrained', str(reordered)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert 'reordered by class name' in out
+    (top1, _, _, images), = EVAL_END.findall(out)
+    assert float(top1) == pytest.approx(checkpoint['metric'], abs=1e-3)
+
+    other = tmp_path / 'other.pth.tar'
+    renamed = {('circle_blue' if name == 'circle_red' else name): i for name, i in checkpoint['class_to_idx'].items()}
+    torch.save({'state_dict': checkpoint['state_dict'], 'class_to_idx': renamed}, other)
+    code = main.main(['--data_path', str(shapes_dataset), '--img-size', '32', '-b', '8', '-j', '0', '--eval',
+                      '--pretrained', str(other)])
+    err = capsys.readouterr().err
+    assert code == 2 and 'only in the dataset: circle_red; only in the weights: circle_blue' in err
