@@ -25,7 +25,7 @@ from torch import nn
 from .van import ALIASES, VARIANTS
 
 __all__ = ['UnsafeFileError', 'safe_load', 'extract_state_dict', 'load_pretrained', 'load_weights', 'guess_variant',
-           'file_class_map']
+           'file_class_map', 'align_head_to_classes']
 
 _logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def file_class_map(checkpoint: Any) -> Optional[Dict[str, int]]:
     return dict(class_map)
 
 
-def _align_head_to_classes(file_head: Dict[str, torch.Tensor], file_classes: Optional[Dict[str, int]],
+def align_head_to_classes(file_head: Dict[str, torch.Tensor], file_classes: Optional[Dict[str, int]],
                            class_to_idx: Optional[Mapping[str, int]], source: str, require_head: bool) -> List[str]:
     """Reorder the file's head rows in place so that output i is the dataset's class i, matching the two
     class maps by name (rows of classes the dataset lacks follow, in the file's order). Evaluation
@@ -329,7 +329,7 @@ def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 
                          '. Choose the model that matches the file, or a file of the chosen model.')
 
     if head_fits:  # (a head that is re-initialised has no classes to match)
-        notes += _align_head_to_classes(file_head, file_class_map(checkpoint), class_to_idx, source, require_head)
+        notes += align_head_to_classes(file_head, file_class_map(checkpoint), class_to_idx, source, require_head)
         state_dict.update(file_head)
     elif model_head or file_head:
         file_classes = file_head['head.weight'].shape[0] if 'head.weight' in file_head else 0

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from models.weights import safe_load
+from models.weights import HEAD_KEYS, align_head_to_classes, safe_load
 from utils.nonfinite import NonFiniteStateError, nonfinite_tensors
 from utils.preemption import RECOVERY_FILE
 
@@ -326,16 +326,34 @@ def restore_training(checkpoint: dict, path: str, model, optimizer, scheduler, p
     (the schedule options changed) leaves the new scheduler as built. train_samples: the size of the
     training set now; a recovery point inside an epoch is only found again in the same training set.
     """
-    saved_classes = checkpoint.get('class_to_idx')
-    if saved_classes is not None and saved_classes != class_to_idx:
-        raise CheckpointError(f'{path!r} was trained on classes {sorted(saved_classes)[:10]} '
-                              f'but the dataset has {sorted(class_to_idx)[:10]}: use the matching --data_path')
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
                   for k, v in checkpoint['state_dict'].items()}
+    saved_classes = checkpoint.get('class_to_idx')
+    if saved_classes is not None and class_to_idx is not None and saved_classes != class_to_idx:
+        if weights_only and set(saved_classes) == set(class_to_idx):
+            # Evaluation only needs each output to be the dataset's class of its name (models.weights).
+            head = {k: state_dict[k] for k in HEAD_KEYS if k in state_dict}
+            try:
+                notes = align_head_to_classes(head, dict(saved_classes), class_to_idx, path, require_head=True)
+            except ValueError as error:
+                raise CheckpointError(str(error)) from None
+            state_dict.update(head)
+            for note in notes:
+                logger.info(note)
+        else:
+            same = set(saved_classes) == set(class_to_idx)
+            raise CheckpointError(
+                f'{path!r} numbers its classes in another order than the dataset (its class folders sort '
+                'differently); training cannot continue on other class numbers: use the dataset it was trained on'
+                if same else f'{path!r} was trained on classes {sorted(saved_classes)[:10]} '
+                f'but the dataset has {sorted(class_to_idx)[:10]}: use the matching --data_path')
     try:
         model.load_state_dict(state_dict)
         if model_ema is not None and checkpoint.get('state_dict_ema') is not None:
             model_ema.module.load_state_dict(checkpoint['state_dict_ema'])
+        elif model_ema is not None:  # a run without --model-ema before: the average starts from these weights
+            model_ema.module.load_state_dict(model.state_dict())
+            logger.info(f'{path!r} holds no EMA weights: the EMA starts from its weights')
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[0]
         raise CheckpointError(f'{path!r} (arch {checkpoint.get("arch")!r}) does not fit --model '

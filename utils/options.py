@@ -122,21 +122,22 @@ def augment_policy(text: str) -> str:
 def usable_device(text: str) -> torch.device:
     """A torch device that exists on this machine (cpu, cuda, cuda:1, npu:0 ...)."""
     from utils.device import DeviceError, resolve_device_type
+    kind = str(text).split(':')[0]
+    if kind not in ('cpu', 'cuda', 'npu'):
+        raise argparse.ArgumentTypeError(f'{text!r}: use cpu, cuda[:N] or npu[:N]')
+    if kind != 'cpu':
+        try:
+            resolve_device_type(kind)  # imports torch_npu for npu, which makes 'npu' a device type
+        except DeviceError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     try:
         device = torch.device(str(text))
     except RuntimeError as error:
         raise argparse.ArgumentTypeError(f'{text!r} is not a device ({error})') from None
-    if device.type in ('cuda', 'npu'):
-        try:
-            resolve_device_type(device.type)
-        except DeviceError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-        count = torch.cuda.device_count() if device.type == 'cuda' else torch.npu.device_count()
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} {device.type} device(s), '
-                                             f'numbered from 0')
-    elif device.type != 'cpu':
-        raise argparse.ArgumentTypeError(f'{text!r}: use cpu, cuda[:N] or npu[:N]')
+    if device.index is not None and kind != 'cpu':
+        count = torch.cuda.device_count() if kind == 'cuda' else torch.npu.device_count()
+        if device.index >= count:
+            raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} {kind} device(s), numbered from 0')
     return device
 
 

@@ -108,6 +108,7 @@ class RunDirLock:
     def __init__(self, run_dir):
         self.path = Path(run_dir) / LOCK_FILE
         self.taken_over: Optional[dict] = None
+        self.unsupported: Optional[str] = None  # why the file system could not lock it
         self._fd: Optional[int] = None
 
     def _read(self) -> dict:
@@ -132,8 +133,10 @@ class RunDirLock:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EACCES, errno.EAGAIN):
+                # A file system without locks (some network and FUSE mounts): the run goes on unprotected.
                 self._close()
-                raise OutputDirError(f'cannot lock {self.path}: {error.strerror}') from None
+                self.unsupported = f'{self.path}: {error.strerror}'
+                return self
             holder = self._read()
             self._close()
             who = _describe_holder(holder) if holder else 'its details are not written yet'
@@ -155,7 +158,11 @@ class RunDirLock:
         return self
 
     def describe_takeover(self) -> Optional[str]:
-        """The log line for a lock left by a run that is gone (killed, crashed, lost its node), or None."""
+        """The log line for a lock left by a run that is gone (killed, crashed, lost its node), or for a
+        file system that cannot lock; None when there is nothing to say."""
+        if self.unsupported:
+            return (f'cannot lock the run dir ({self.unsupported}); a second run started in it would not be '
+                    'stopped, so give every run its own --experiment')
         if not self.taken_over:
             return None
         return (f'{self.path}: the run that held this run dir ({_describe_holder(self.taken_over)}) is gone; '

@@ -168,3 +168,20 @@ def test_an_optimizer_state_of_another_optimizer_is_one_clear_error(saved, resum
     with pytest.raises(CheckpointError, match=f'optimizer state in .* does not fit .*written with --opt {saved}'):
         restore_training(checkpoint, 'x.pth.tar', layer, optimizer, None, precision, None, None, None,
                          logging.getLogger('test'))
+
+
+def test_resuming_with_model_ema_from_a_checkpoint_without_one_starts_the_average_from_its_weights():
+    import logging
+    from timm.utils import ModelEmaV3
+    from utils.amp import create_precision
+    from utils.checkpoint import restore_training
+    torch.manual_seed(0)
+    saved = torch.nn.Linear(2, 2)
+    model = torch.nn.Linear(2, 2)  # another initialisation
+    ema = ModelEmaV3(model, decay=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, _, precision = create_precision(model, optimizer, torch.device('cpu'), enabled=False)
+    checkpoint = dict(epoch=0, state_dict=saved.state_dict(), optimizer=optimizer.state_dict())
+    restore_training(checkpoint, 'x.pth.tar', model, optimizer, None, precision, ema, None, None,
+                     logging.getLogger('test'))
+    assert all(torch.equal(ema.module.state_dict()[k], v) for k, v in saved.state_dict().items())

@@ -479,6 +479,18 @@ def test_eval_of_pretrained_weights_whose_classes_are_numbered_differently(train
     assert float(top1) == pytest.approx(checkpoint['metric'], abs=1e-3)
 
     other = tmp_path / 'other.pth.tar'
+    # The --resume path (a whole training checkpoint) maps them for evaluation too, and refuses to train on.
+    torch.save(dict(checkpoint, state_dict=state_dict, class_to_idx={name: i for i, name in enumerate(names)}),
+               reordered)
+    code = main.main(['--data_path', str(shapes_dataset), '--img-size', '32', '-b', '8', '-j', '0', '--eval',
+                      '--resume', str(reordered)])
+    out = capsys.readouterr().out
+    assert code == 0 and 'reordered by class name' in out
+    assert float(EVAL_END.findall(out)[0][0]) == pytest.approx(checkpoint['metric'], abs=1e-3)
+    code = main.main(['--data_path', str(shapes_dataset), *FAST, '--epochs', '5', '--resume', str(reordered),
+                      '--output', str(tmp_path), '--experiment', 'continued'])
+    assert code == 2 and 'numbers its classes in another order than the dataset' in capsys.readouterr().err
+
     renamed = {('circle_blue' if name == 'circle_red' else name): i for name, i in checkpoint['class_to_idx'].items()}
     torch.save({'state_dict': checkpoint['state_dict'], 'class_to_idx': renamed}, other)
     code = main.main(['--data_path', str(shapes_dataset), '--img-size', '32', '-b', '8', '-j', '0', '--eval',

@@ -778,3 +778,15 @@ def test_float16_run_whose_statistics_overflow_saves_nothing_non_finite(shapes_d
     assert 'still updated the BatchNorm statistics' in result.stderr
     assert re.search(r'not saving the state after epoch 0: \d+ tensors hold NaN or inf', result.stdout)
     assert not list((tmp_path / 'fp16').glob('*.pth.tar*'))
+
+
+def test_run_dir_on_a_file_system_without_locks_runs_unprotected_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import utils.output_dir
+    from utils.output_dir import RunDirLock
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(utils.output_dir.fcntl, 'lockf', no_locks)
+    with RunDirLock(tmp_path) as lock:
+        assert 'cannot lock the run dir' in lock.describe_takeover() and 'No locks available' in lock.describe_takeover()
