@@ -35,7 +35,8 @@ from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteE
 from utils.curves import plot_run_curves
 from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
                         build_train_criterion, find_class_map, find_split_dirs)
-from utils.device import DEVICE_CHOICES, DeviceError, cleanup_distributed, init_distributed_device, is_peer_failure
+from utils.device import (DEVICE_CHOICES, DeviceError, all_reduce_sum, cleanup_distributed, init_distributed_device,
+                          is_peer_failure)
 from utils.engine import NonFiniteLossError, evaluate, fit, set_seed
 from utils.logger import setup_logger
 from utils.optim import check_optimizer, check_schedule, create_optimizer, create_scheduler
@@ -399,16 +400,32 @@ def find_checkpoint(args, run_dir: str, logger):
     return None, None
 
 
+def prepare_run_dir(run_dir: str, dist_env, resources: contextlib.ExitStack):
+    """Rank 0 makes sure the run dir can be written and takes its lock (held on `resources`) before touching
+    anything in it; every rank learns whether that worked, so all stop together with a message. Returns the
+    lock (rank 0) or None."""
+    run_lock, failure = None, None
+    if dist_env.is_main:
+        try:
+            check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
+            run_lock = resources.enter_context(RunDirLock(run_dir))
+            remove_partial_files(run_dir)  # of a killed run; never of a live one, which holds the lock
+        except OutputDirError as error:
+            failure = error
+    failed = all_reduce_sum(torch.tensor([float(failure is not None)], device=dist_env.device), dist_env)
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise OutputDirError(f'process 0 cannot use the run dir {run_dir} (its message says why)')
+    return run_lock
+
+
 def run(args, resources: contextlib.ExitStack) -> None:
     """The whole run; what it must hold until it ends (the run dir lock) goes on `resources`."""
     dist_env = init_distributed_device(args.device, args.local_rank, args.dist_timeout)
     device = dist_env.device
     run_dir = None if args.eval else resolve_run_dir(args)
-    run_lock = None
-    if run_dir and dist_env.is_main:
-        check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
-        run_lock = resources.enter_context(RunDirLock(run_dir))  # before touching anything in it
-        remove_partial_files(run_dir)
+    run_lock = prepare_run_dir(run_dir, dist_env, resources) if run_dir else None
     logger = setup_logger(dist_env.is_main, os.path.join(run_dir, 'log.txt') if run_dir else None)
     logger.info(f'device {device}, world size {dist_env.world_size}' + (f', run dir {run_dir}' if run_dir else ''))
     if run_lock and run_lock.describe_takeover():

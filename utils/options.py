@@ -185,7 +185,7 @@ def convert_value(parser: argparse.ArgumentParser, action: argparse.Action, valu
         raise OptionError(f'expected plain values, got {value!r}')
     if any(isinstance(v, bool) for v in values):  # YAML's true is neither the number 1 nor a name
         raise OptionError(f'expected a number or name, got {value!r}')
-    try:
+    try:  # argparse's own conversion and choices check, exactly as for the command line's strings
         converted = [parser._get_value(action, str(v)) for v in values]
         for v in converted:
             parser._check_value(action, v)
