@@ -395,6 +395,7 @@ def test_config_values_are_converted_like_the_command_line(tmp_path):
     assert args.amp is False and args.num_classes is None and args.model_ema is True
 
 
+@pytest.mark.slow
 def test_wrong_option_values_in_a_subprocess_are_one_line_without_traceback(tmp_path, subprocess_env, repo_root):
     config = tmp_path / 'cfg.yaml'
     config.write_text('batch_size: [8, 16]\n')
