@@ -8,6 +8,7 @@
 This file only wires the parts in utils/ together; see `build_parser` for every option.
 """
 import argparse
+import contextlib
 import datetime
 import functools
 import os
@@ -16,7 +17,7 @@ import sys
 import torch
 import yaml
 
-import models  # noqa: F401  (registers the VAN variants with timm)
+import models  # registers the VAN variants with timm
 from models.weights import load_pretrained
 import timm
 from timm.data import resolve_data_config
@@ -24,19 +25,23 @@ from timm.utils import ModelEmaV3
 
 from utils.data_layout import DatasetLayoutError, check_dataset_layout
 from utils.images import BadImageError
-from utils.output_dir import CHECKPOINTS_ON_DISK, OutputDirError, check_output_dir, estimate_checkpoint_bytes
+from utils.output_dir import (CHECKPOINTS_ON_DISK, OutputDirError, RunDirLock, check_output_dir,
+                              estimate_checkpoint_bytes)
 from utils.preemption import RECOVERY_FILE, Preempted
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, amp_backend_for, create_precision, parse_loss_scale
 from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteError, ResumePoint, find_resume_checkpoint,
-                              read_training_checkpoint, remove_partial_files, restore_training, training_state)
+                              read_training_checkpoint, remove_partial_files, restore_training, run_options,
+                              training_state)
 from utils.curves import plot_run_curves
 from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
                         build_train_criterion, find_class_map, find_split_dirs)
-from utils.device import (DEVICE_CHOICES, DeviceError, check_memory_format, cleanup_distributed, init_distributed_device,
-                          is_peer_failure, pin_memory_settings)
+from utils.device import (DEVICE_CHOICES, DeviceError, all_reduce_sum, check_memory_format, cleanup_distributed,
+                          init_distributed_device, is_peer_failure, pin_memory_settings)
 from utils.engine import NonFiniteLossError, evaluate, fit, set_seed
 from utils.logger import setup_logger
-from utils.optim import LR_BASE_SCALES, create_optimizer, create_scheduler, effective_lr
+from utils.optim import LR_BASE_SCALES, check_optimizer, check_schedule, create_optimizer, create_scheduler, effective_lr
+from utils.options import (IMG_SIZE, Number, OptionError, augment_policy, convert_values, interpolation_name,
+                           optimizer_name, scheduler_name, train_interpolation_name)
 from utils.progress import progress_enabled
 from utils.tensorboard import create_writer
 
@@ -49,6 +54,15 @@ class ModelError(ValueError):
     """The model cannot be built as asked (unknown name, unreadable --pretrained file)."""
 
 
+# Rules shared by several options (each option's own rule is its `type=`, see utils/options.py).
+PROBABILITY = Number(float, at_least=0, at_most=1)
+RATE = Number(float, at_least=0, below=1)  # dropout, drop path, label smoothing, betas
+POSITIVE = Number(float, above=0)
+NON_NEGATIVE = Number(float, at_least=0)
+COUNT = Number(int, at_least=1)
+NON_NEGATIVE_INT = Number(int, at_least=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='YAML',
@@ -57,25 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('data_dir', nargs='?', default=None, help='dataset root (same as --data_path)')
     group.add_argument('--data_path', '--data-path', dest='data_path', default=None, metavar='DIR',
                        help='dataset root holding train/ and val/ (or validation/), one folder per class')
-    group.add_argument('-j', '--workers', type=int, default=4, help='data loading processes per device')
+    group.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=4, help='data loading processes per device')
     group.add_argument('--pin-mem', action='store_true', help='pin host memory of batches (faster copies to the GPU; always on for NPU)')
 
     group = parser.add_argument_group('model')
-    group.add_argument('--model', default='van_b0', help='van_b0..van_b6, van_tiny/small/base/large')
+    group.add_argument('--model', default='van_b0', choices=models.MODEL_NAMES, metavar='NAME',
+                       help='van_b0..van_b6, van_tiny/small/base/large')
     group.add_argument('--pretrained', default=None, metavar='PATH',
                        help='start from these weights (official, timm-style checkpoint or HuggingFace file)')
-    group.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
+    group.add_argument('--num-classes', type=Number(int, at_least=1, at_most=1_000_000), default=None,
+                       help='default: the number of class folders')
     group.add_argument('--lka-impl', default='auto', choices=models.lka_impls(),
                        help="implementation of the block's depthwise convolutions: auto (= fast: faster on CPU, "
                             "nn.Conv2d elsewhere), plain (nn.Conv2d), polyphase or triton (CUDA candidates, "
                             "not yet measured; tools/gpu_benchmark.sh)")
-    group.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s, 224)')
-    group.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction (default 0.9)')
-    group.add_argument('--mean', type=float, nargs=3, default=None, metavar='M', help='normalisation mean')
-    group.add_argument('--std', type=float, nargs=3, default=None, metavar='S', help='normalisation std')
-    group.add_argument('--interpolation', default=None, help='eval resize interpolation (default bicubic)')
-    group.add_argument('--drop', type=float, default=0.0, help='dropout rate')
-    group.add_argument('--drop-path', type=float, default=None,
+    group.add_argument('--img-size', type=IMG_SIZE, default=None, help='input size (default: the model\'s, 224)')
+    group.add_argument('--crop-pct', type=Number(float, above=0, at_most=1), default=None,
+                       help='eval center-crop fraction (default 0.9)')
+    group.add_argument('--mean', type=Number(float), nargs=3, default=None, metavar='M', help='normalisation mean')
+    group.add_argument('--std', type=POSITIVE, nargs=3, default=None, metavar='S', help='normalisation std')
+    group.add_argument('--interpolation', type=interpolation_name, default=None,
+                       help='eval resize interpolation (default bicubic)')
+    group.add_argument('--drop', type=RATE, default=0.0, help='dropout rate')
+    group.add_argument('--drop-path', type=RATE, default=None,
                        help=f'stochastic depth rate (default: the variant\'s recipe value, {_recipe_drop_paths()})')
     group.add_argument('--channels-last', action='store_true', help='run the model in channels_last memory format')
     group.add_argument('--compile', action='store_true', help='torch.compile the model')
@@ -85,83 +103,90 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
                        help='after each epoch average (reduce) or copy rank 0\'s (broadcast) BN statistics')
     group.add_argument('--model-ema', action='store_true', help='keep, evaluate and save an EMA of the weights')
-    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay per update')
+    group.add_argument('--model-ema-decay', type=PROBABILITY, default=0.9998, help='EMA decay per update')
 
     group = parser.add_argument_group('optimizer and schedule')
-    group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per device')
-    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, help='default: --batch-size')
-    group.add_argument('--opt', default='adamw', help='any timm optimizer name')
-    group.add_argument('--opt-eps', type=float, default=None, help='optimizer epsilon')
-    group.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
-    group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    group.add_argument('--weight-decay', type=float, default=0.05, help='not applied to biases and 1-D parameters')
-    group.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (off by default)')
+    group.add_argument('-b', '--batch-size', type=COUNT, default=128, help='batch size per device')
+    group.add_argument('-vb', '--validation-batch-size', type=COUNT, default=None, help='default: --batch-size')
+    group.add_argument('--opt', type=optimizer_name, default='adamw', help='any timm optimizer name')
+    group.add_argument('--opt-eps', type=POSITIVE, default=None, help='optimizer epsilon')
+    group.add_argument('--opt-betas', type=RATE, nargs='+', default=None, help='optimizer betas')
+    group.add_argument('--momentum', type=PROBABILITY, default=0.9, help='SGD momentum')
+    group.add_argument('--weight-decay', type=NON_NEGATIVE, default=0.05,
+                       help='not applied to biases and 1-D parameters')
+    group.add_argument('--clip-grad', type=POSITIVE, default=None, help='gradient clipping value (off by default)')
     group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
-    group.add_argument('--sched', default='cosine', help='timm scheduler name')
-    group.add_argument('--lr', type=float, default=None,
+    group.add_argument('--sched', type=scheduler_name, default='cosine', help='timm scheduler name')
+    group.add_argument('--lr', type=POSITIVE, default=None,
                        help='peak learning rate (default: --lr-base scaled to the global batch, batch size x '
                             'processes: 1e-3 at 8 x 128, 1.25e-4 at 1 x 128)')
-    group.add_argument('--lr-base', type=float, default=1e-3,
+    group.add_argument('--lr-base', type=POSITIVE, default=1e-3,
                        help='learning rate of a global batch of --lr-base-size (default 1e-3)')
-    group.add_argument('--lr-base-size', type=int, default=1024,
+    group.add_argument('--lr-base-size', type=COUNT, default=1024,
                        help='the global batch that --lr-base belongs to (default 1024)')
     group.add_argument('--lr-base-scale', default='linear', choices=LR_BASE_SCALES,
                        help='linear (default): lr = lr-base x global batch / lr-base-size; '
                             'sqrt: lr-base x the square root of that ratio')
-    group.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate at the start of warmup')
-    group.add_argument('--min-lr', type=float, default=1e-6, help='end of the cosine and the cooldown lr')
-    group.add_argument('--epochs', type=int, default=300, help='epochs of the schedule (cooldown comes on top)')
-    group.add_argument('--warmup-epochs', type=int, default=5)
-    group.add_argument('--cooldown-epochs', type=int, default=10)
-    group.add_argument('--decay-epochs', type=float, default=100, help='step schedulers: epochs between decays')
-    group.add_argument('--decay-rate', type=float, default=0.1, help='step schedulers: decay factor')
+    group.add_argument('--warmup-lr', type=NON_NEGATIVE, default=1e-6, help='learning rate at the start of warmup')
+    group.add_argument('--min-lr', type=NON_NEGATIVE, default=1e-6, help='end of the cosine and the cooldown lr')
+    group.add_argument('--epochs', type=COUNT, default=300, help='epochs of the schedule (cooldown comes on top)')
+    group.add_argument('--warmup-epochs', type=NON_NEGATIVE_INT, default=5)
+    group.add_argument('--cooldown-epochs', type=NON_NEGATIVE_INT, default=10)
+    group.add_argument('--decay-epochs', type=POSITIVE, default=100, help='step schedulers: epochs between decays')
+    group.add_argument('--decay-rate', type=POSITIVE, default=0.1, help='step schedulers: decay factor')
     group.add_argument('--sched-on-updates', action='store_true',
                        help='update the learning rate every step instead of once per epoch (the reference '
                             'steps once per epoch)')
 
     group = parser.add_argument_group('augmentation and regularisation')
-    group.add_argument('--train-interpolation', default='random', help='training resize interpolation')
-    group.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random-resized-crop area range')
-    group.add_argument('--ratio', type=float, nargs=2, default=(3. / 4., 4. / 3.), help='random-resized-crop aspect range')
-    group.add_argument('--hflip', type=float, default=0.5)
-    group.add_argument('--vflip', type=float, default=0.0)
-    group.add_argument('--color-jitter', type=float, default=0.4)
-    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="auto-augment policy; 'none' disables it")
-    group.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
-    group.add_argument('--remode', default='pixel', help='random erasing mode')
-    group.add_argument('--recount', type=int, default=1, help='random erasing count')
-    group.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 = off)')
-    group.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 = off)')
-    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None)
-    group.add_argument('--mixup-prob', type=float, default=1.0)
-    group.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    group.add_argument('--train-interpolation', type=train_interpolation_name, default='random',
+                       help='training resize interpolation')
+    group.add_argument('--scale', type=Number(float, above=0, at_most=1), nargs=2, default=(0.08, 1.0),
+                       help='random-resized-crop area range')
+    group.add_argument('--ratio', type=POSITIVE, nargs=2, default=(3. / 4., 4. / 3.),
+                       help='random-resized-crop aspect range')
+    group.add_argument('--hflip', type=PROBABILITY, default=0.5)
+    group.add_argument('--vflip', type=PROBABILITY, default=0.0)
+    group.add_argument('--color-jitter', type=NON_NEGATIVE, default=0.4)
+    group.add_argument('--aa', type=augment_policy, default='rand-m9-mstd0.5-inc1',
+                       help="auto-augment policy; 'none' disables it")
+    group.add_argument('--reprob', type=PROBABILITY, default=0.25, help='random erasing probability')
+    group.add_argument('--remode', default='pixel', choices=('pixel', 'rand', 'const'), help='random erasing mode')
+    group.add_argument('--recount', type=COUNT, default=1, help='random erasing count')
+    group.add_argument('--mixup', type=NON_NEGATIVE, default=0.8, help='mixup alpha (0 = off)')
+    group.add_argument('--cutmix', type=NON_NEGATIVE, default=1.0, help='cutmix alpha (0 = off)')
+    group.add_argument('--cutmix-minmax', type=Number(float, above=0, at_most=1), nargs=2, default=None)
+    group.add_argument('--mixup-prob', type=PROBABILITY, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=PROBABILITY, default=0.5)
     group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'))
-    group.add_argument('--mixup-off-epoch', type=int, default=0, help='turn mixup off from this epoch (0 = never)')
-    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    group.add_argument('--mixup-off-epoch', type=NON_NEGATIVE_INT, default=0,
+                       help='turn mixup off from this epoch (0 = never)')
+    group.add_argument('--smoothing', type=RATE, default=0.1, help='label smoothing')
 
     group = parser.add_argument_group('precision and device')
     group.add_argument('--amp', action='store_true', help='mixed precision (O1)')
     group.add_argument('--amp-backend', default=None, choices=AMP_BACKENDS,
                        help='auto (default): apex on NPU when installed, else native torch.autocast')
     group.add_argument('--opt-level', default=None, choices=OPT_LEVELS, help='apex opt level (default O1)')
-    group.add_argument('--loss-scale', default=None, help="'dynamic' (default) or a fixed number")
+    group.add_argument('--loss-scale', type=loss_scale, default=None, help="'dynamic' (default) or a fixed number")
     group.add_argument('--amp-dtype', default=None, choices=AMP_DTYPES,
                        help='native autocast type; auto (default) = float16 on GPU/NPU, bfloat16 on CPU')
     group.add_argument('--device', default='auto', choices=DEVICE_CHOICES)
-    group.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=-1,
+    group.add_argument('--local_rank', '--local-rank', dest='local_rank', type=Number(int, at_least=-1), default=-1,
                        help='set by torch.distributed.launch; torchrun uses LOCAL_RANK instead')
 
     group = parser.add_argument_group('run')
-    group.add_argument('--seed', type=int, default=42)
+    group.add_argument('--seed', type=Number(int, at_least=0, at_most=2**63 - 1), default=42)
     group.add_argument('--output', default='./output/train', metavar='DIR', help='parent of the run dir')
     group.add_argument('--experiment', default=None, metavar='NAME',
                        help='run dir name (default <YYYYmmdd-HHMMSS>-<model>-<img size>)')
     group.add_argument('--resume', default=None, metavar='PATH|auto',
                        help="continue a run from a checkpoint; 'auto' = newest checkpoint in the run dir")
     group.add_argument('--eval', action='store_true', help='only evaluate --resume/--pretrained weights')
-    group.add_argument('--log-interval', type=int, default=50, help='steps between training log lines')
-    group.add_argument('--checkpoint-hist', type=int, default=10, help='keep the best N checkpoint-<epoch> files')
-    group.add_argument('--max-steps-per-epoch', type=int, default=None,
+    group.add_argument('--log-interval', type=COUNT, default=50, help='steps between training log lines')
+    group.add_argument('--checkpoint-hist', type=NON_NEGATIVE_INT, default=10,
+                       help='keep the best N checkpoint-<epoch> files')
+    group.add_argument('--max-steps-per-epoch', type=COUNT, default=None,
                        help='cap the steps of each epoch (performance runs)')
     group.add_argument('--tensorboard', action='store_true',
                        help='also write per-epoch scalars to <run dir>/tensorboard (needs the tensorboard package)')
@@ -169,12 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('faults')
     group.add_argument('--strict-data', action='store_true',
                        help='stop at the first unreadable image (default: skip it, report it, count it)')
-    group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+    group.add_argument('--recovery-interval', type=NON_NEGATIVE_INT, default=0, metavar='N',
                        help=f'also write {RECOVERY_FILE} every N steps (0 = only on SIGTERM/SIGINT)')
-    group.add_argument('--max-nonfinite-steps', type=int, default=20, metavar='N',
+    group.add_argument('--max-nonfinite-steps', type=COUNT, default=20, metavar='N',
                        help='stop when the loss is NaN/inf for N steps in a row under the float16 loss scaler '
                             '(without a scaler the first one stops the run)')
-    group.add_argument('--dist-timeout', type=float, default=600, metavar='SECONDS',
+    group.add_argument('--dist-timeout', type=Number(float, at_least=1), default=600, metavar='SECONDS',
                        help='a process waiting longer than this for the others (one died or hangs) stops with a message')
     return parser
 
@@ -187,70 +212,107 @@ def _recipe_drop_paths() -> str:
     return '; '.join(f'{rate:g} for {", ".join(names)}' for rate, names in by_rate.items())
 
 
-def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+def loss_scale(text: str):
+    """argparse type of --loss-scale (the rule lives in utils.amp.parse_loss_scale)."""
     try:
-        with open(path) as f:
+        return parse_loss_scale(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _ordered(flag):
+    def rule(args):
+        low, high = getattr(args, flag.lstrip('-').replace('-', '_')) or (0, 0)
+        return f'{flag} takes a range: the first value must not exceed the second, got {low:g} {high:g}' \
+            if low > high else None
+    return rule
+
+
+def _amp_options_need_amp(args):
+    given = [flag for flag, value in (('--amp-backend', args.amp_backend), ('--opt-level', args.opt_level),
+                                      ('--loss-scale', args.loss_scale), ('--amp-dtype', args.amp_dtype))
+             if value is not None]
+    return f'{", ".join(given)} only apply with --amp' if given and not args.amp else None
+
+
+def _schedule_builds(args):
+    try:
+        check_schedule(args.sched, args.epochs, args.cooldown_epochs, args.warmup_epochs, args.warmup_lr,
+                       args.min_lr, args.decay_epochs, args.decay_rate, args.sched_on_updates)
+    except ValueError as error:
+        return f'--sched: {error}'
+    return None
+
+
+def _optimizer_builds(args):
+    try:
+        check_optimizer(args.opt, args.lr or 1e-3, args.weight_decay, args.momentum, args.opt_eps, args.opt_betas)
+    except ValueError as error:
+        return f'--opt: {error}'
+    return None
+
+
+# Rules that involve several options: each returns the error message, or None when the options agree.
+COMBINATION_RULES = (
+    lambda a: None if a.data_path else 'the dataset root is required: --data_path DIR (DIR/train and DIR/val)',
+    lambda a: '--eval needs the weights to evaluate: --resume PATH or --pretrained PATH'
+    if a.eval and not (a.resume or a.pretrained) else None,
+    _amp_options_need_amp,
+    lambda a: f'--opt-level {a.opt_level} needs --amp-backend apex; native autocast is O1 only'
+    if a.opt_level not in (None, 'O1') and a.amp_backend == 'native' else None,
+    lambda a: f'mixup/cutmix mixes pairs and needs an even --batch-size (got {a.batch_size}); '
+              'change it or pass --mixup 0 --cutmix 0'
+    if (a.mixup > 0 or a.cutmix > 0 or a.cutmix_minmax is not None) and a.batch_size % 2 else None,
+    lambda a: '--eval --resume auto needs --experiment NAME to know which run to evaluate'
+    if a.resume == 'auto' and a.eval and not a.experiment else None,
+    _ordered('--scale'), _ordered('--ratio'), _ordered('--cutmix-minmax'),
+    _schedule_builds,
+    _optimizer_builds,
+)
+
+
+def _read_config(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The YAML file's option values, checked by the same rules as the command line."""
+    try:
+        with open(path, encoding='utf-8') as f:
             config = yaml.safe_load(f) or {}
     except OSError as error:
         parser.error(f'cannot read --config {path!r}: {error.strerror}')
+    except UnicodeDecodeError:
+        parser.error(f'--config {path!r} is not a text file (YAML of option: value lines)')
     except yaml.YAMLError as error:
         parser.error(f'--config {path!r} is not valid YAML: {error}')
+    except RecursionError:
+        parser.error(f'--config {path!r} is nested too deeply to be an option file')
     if not isinstance(config, dict):
         parser.error(f'--config {path!r} must be a mapping of option: value')
-    known = {action.dest for action in parser._actions}
-    defaults = {str(key).replace('-', '_'): value for key, value in config.items()}
-    unknown = sorted(set(defaults) - known)
-    if unknown:
-        parser.error(f'--config {path!r} sets unknown options: {", ".join(unknown)}')
-    return defaults
+    values = {str(key).replace('-', '_'): value for key, value in config.items()}
+    if 'config' in values:
+        parser.error(f'--config {path!r} names another config file; put all options in one file')
+    try:
+        return convert_values(parser, values, f'--config {path!r}')
+    except OptionError as error:
+        parser.error(str(error))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Command line over YAML config over recipe defaults, then combination checks."""
+    """Command line over YAML config over recipe defaults; every value is checked by its option's rule
+    (utils/options.py), then the rules between options (COMBINATION_RULES), all before anything starts."""
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
     if args.config:
-        parser.set_defaults(**_config_defaults(parser, args.config))
+        parser.set_defaults(**_read_config(parser, args.config))
     args = parser.parse_args(argv)
 
     args.data_path = args.data_path or args.data_dir
-    if not args.data_path:
-        parser.error('the dataset root is required: --data_path DIR (DIR/train and DIR/val)')
-    if args.eval and not (args.resume or args.pretrained):
-        parser.error('--eval needs the weights to evaluate: --resume PATH or --pretrained PATH')
-    amp_options = {'--amp-backend': args.amp_backend, '--opt-level': args.opt_level,
-                   '--loss-scale': args.loss_scale, '--amp-dtype': args.amp_dtype}
-    given = [flag for flag, value in amp_options.items() if value is not None]
-    if given and not args.amp:
-        parser.error(f'{", ".join(given)} only apply with --amp')
+    for rule in COMBINATION_RULES:
+        message = rule(args)
+        if message:
+            parser.error(message)
     args.amp_backend = args.amp_backend or 'auto'
     args.opt_level = args.opt_level or 'O1'
     args.amp_dtype = args.amp_dtype or 'auto'
-    try:
-        args.loss_scale = parse_loss_scale(args.loss_scale or 'dynamic')
-    except ValueError as error:
-        parser.error(str(error))
-    if args.opt_level != 'O1' and args.amp_backend == 'native':
-        parser.error(f'--opt-level {args.opt_level} needs --amp-backend apex; native autocast is O1 only')
-    for flag, value, minimum in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
-                                 ('--log-interval', args.log_interval, 1), ('--workers', args.workers, 0),
-                                 ('--warmup-epochs', args.warmup_epochs, 0),
-                                 ('--cooldown-epochs', args.cooldown_epochs, 0),
-                                 ('--lr-base-size', args.lr_base_size, 1),
-                                 ('--checkpoint-hist', args.checkpoint_hist, 0),
-                                 ('--max-steps-per-epoch', args.max_steps_per_epoch or 1, 1),
-                                 ('--recovery-interval', args.recovery_interval, 0),
-                                 ('--max-nonfinite-steps', args.max_nonfinite_steps, 1),
-                                 ('--dist-timeout', args.dist_timeout, 1),
-                                 ('--img-size', args.img_size or 32, 32)):
-        if value < minimum:
-            parser.error(f'{flag} must be at least {minimum}, got {value}')
-    mixup_on = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    if mixup_on and args.batch_size % 2:
-        parser.error(f'mixup/cutmix mixes pairs and needs an even --batch-size (got {args.batch_size}); '
-                     'change it or pass --mixup 0 --cutmix 0')
-    if args.resume == 'auto' and args.eval and not args.experiment:
-        parser.error('--eval --resume auto needs --experiment NAME to know which run to evaluate')
+    args.loss_scale = args.loss_scale or 'dynamic'
     return args
 
 
@@ -294,15 +356,18 @@ def resolve_run_dir(args) -> str:
     return os.path.join(args.output, f'{stamp}-{args.model}-{args.img_size or 224}')
 
 
-def create_model(args, num_classes: int):
+def create_model(args, num_classes: int, class_to_idx=None, logger=None):
+    """The model, with the --pretrained weights whose head rows are matched to the dataset's classes
+    (`class_to_idx`) by name when the file names its classes; evaluation never runs a fresh head."""
     kwargs = dict(num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
                   lka_impl=args.lka_impl)
-    if args.pretrained and not args.eval:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=args.pretrained))
     try:
         model = timm.create_model(args.model, **kwargs)
-        if args.pretrained and args.eval:  # evaluation needs the file's own head, never a fresh one
-            load_pretrained(model, args.pretrained, args.model, require_head=True)
+        if args.pretrained:
+            for note in load_pretrained(model, args.pretrained, args.model, require_head=args.eval,
+                                        class_to_idx=class_to_idx):
+                if logger is not None:
+                    logger.info(note)
         return model
     except (FileNotFoundError, ValueError) as error:  # the models package's messages name the fix
         raise ModelError(f'cannot build {args.model!r}: {error}') from None
@@ -322,16 +387,56 @@ def schedule_options(args: dict) -> dict:
     return {k: args.get(k) for k in SCHEDULE_OPTIONS}
 
 
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 def plain_args(args) -> dict:
     """args as a dict of plain values (loadable with weights_only=True, writable as YAML)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+    return {k: _plain(v) for k, v in vars(args).items()}
+
+
+def save_run_args(run_dir: str, args) -> None:
+    """<run dir>/args.yaml: the options the run uses."""
+    path = os.path.join(run_dir, 'args.yaml')
+    try:
+        with open(path, 'w') as f:
+            yaml.safe_dump(plain_args(args), f, sort_keys=True)
+    except OSError as error:
+        raise OutputDirError(f'cannot write {path}: {error.strerror}; free disk space or choose another --output') from None
+
+
+# A resumed run continues with the optimizer it was saved with: the optimizer state fits no other class,
+# and loading it restores these settings anyway. (The learning rate belongs to the schedule, SCHEDULE_OPTIONS.)
+OPTIMIZER_OPTIONS = ('opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay')
+
+
+def adopt_optimizer_options(args, checkpoint: dict, path: str, logger) -> bool:
+    """Set args' optimizer options to those stored in the checkpoint (checked by the options' own rules),
+    with one log line naming what changed; returns whether anything did."""
+    saved = run_options(checkpoint)
+    try:
+        saved = convert_values(build_parser(), {k: saved[k] for k in OPTIMIZER_OPTIONS if k in saved},
+                               f'the options stored in {path!r}')
+    except OptionError as error:
+        raise CheckpointError(str(error)) from None
+    changed = {k: v for k, v in saved.items() if _plain(v) != _plain(getattr(args, k))}
+    if not changed:
+        return False
+    flags = ', '.join(f'--{k.replace("_", "-")} {v if not isinstance(v, list) else " ".join(map(str, v))} '
+                      f'(not {getattr(args, k)})' for k, v in changed.items())
+    logger.info(f'resuming with the optimizer settings of {path}: {flags}; a run keeps its optimizer when it '
+                'resumes (to change it, start a new run from these weights with --pretrained)')
+    for key, value in changed.items():
+        setattr(args, key, value)
+    return True
 
 
 def find_checkpoint(args, run_dir: str, logger):
     """(path, checkpoint) named by --resume, or (None, None) when there is none to resume."""
     if args.resume == 'auto':
         search_dir = os.path.join(args.output, args.experiment) if args.eval else run_dir
-        found = find_resume_checkpoint(search_dir)
+        found = find_resume_checkpoint(search_dir, logger)
         if found is None and args.eval:
             raise CheckpointError(f'no checkpoint to evaluate in {search_dir!r}')
         if found is None:
@@ -342,7 +447,28 @@ def find_checkpoint(args, run_dir: str, logger):
     return None, None
 
 
-def run(args) -> None:
+def prepare_run_dir(run_dir: str, dist_env, resources: contextlib.ExitStack):
+    """Rank 0 makes sure the run dir can be written and takes its lock (held on `resources`) before touching
+    anything in it; every rank learns whether that worked, so all stop together with a message. Returns the
+    lock (rank 0) or None."""
+    run_lock, failure = None, None
+    if dist_env.is_main:
+        try:
+            check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
+            run_lock = resources.enter_context(RunDirLock(run_dir))
+            remove_partial_files(run_dir)  # of a killed run; never of a live one, which holds the lock
+        except OutputDirError as error:
+            failure = error
+    failed = all_reduce_sum(torch.tensor([float(failure is not None)], device=dist_env.device), dist_env)
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise OutputDirError(f'process 0 cannot use the run dir {run_dir} (its message says why)')
+    return run_lock
+
+
+def run(args, resources: contextlib.ExitStack) -> None:
+    """The whole run; what it must hold until it ends (the run dir lock) goes on `resources`."""
     dist_env = init_distributed_device(args.device, args.local_rank, args.dist_timeout)
     device = dist_env.device
     check_memory_format(device, args.channels_last)
@@ -351,17 +477,16 @@ def run(args) -> None:
     train_dir, _ = find_split_dirs(args.data_path)
     classes = find_class_map(train_dir)
     run_dir = None if args.eval else resolve_run_dir(args)
-    if run_dir and dist_env.is_main:
-        check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
-        remove_partial_files(run_dir)
+    run_lock = prepare_run_dir(run_dir, dist_env, resources) if run_dir else None
     logger = setup_logger(dist_env.is_main, os.path.join(run_dir, 'log.txt') if run_dir else None)
     logger.info(f'device {device}, world size {dist_env.world_size}' + (f', run dir {run_dir}' if run_dir else ''))
+    if run_lock and run_lock.describe_takeover():
+        logger.info(run_lock.describe_takeover())
     settings = resolve_recipe(args, dist_env.world_size)  # before args.yaml: the run records what it uses
     if not args.eval:
         logger.info(settings)
     if run_dir and dist_env.is_main:
-        with open(os.path.join(run_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(plain_args(args), f, sort_keys=True)
+        save_run_args(run_dir, args)
 
     num_classes = args.num_classes or len(classes)
     if num_classes < len(classes):
@@ -369,7 +494,7 @@ def run(args) -> None:
                            f'in {train_dir!r}')
 
     set_seed(args.seed)  # same initial weights on every rank
-    model = create_model(args, num_classes)
+    model = create_model(args, num_classes, classes, logger)
     if run_dir and dist_env.is_main:
         check_output_dir(run_dir, CHECKPOINTS_ON_DISK * estimate_checkpoint_bytes(model, ema=args.model_ema))
     config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean,
@@ -398,6 +523,10 @@ def run(args) -> None:
                 f'cudnn.benchmark {"on" if args.cudnn_benchmark else "off"}')
     if args.sync_bn and dist_env.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    checkpoint_path, checkpoint = find_checkpoint(args, run_dir, logger)
+    if checkpoint is not None and not args.eval and adopt_optimizer_options(args, checkpoint, checkpoint_path, logger) \
+            and dist_env.is_main:
+        save_run_args(run_dir, args)
     optimizer = create_optimizer(model, device, args.opt, args.lr, args.weight_decay, args.momentum,
                                  args.opt_eps, args.opt_betas, amp_backend_for(args.amp, args.amp_backend, device))
     model, optimizer, precision = create_precision(model, optimizer, device, args.amp, args.amp_backend,
@@ -412,12 +541,12 @@ def run(args) -> None:
         optimizer, args.epochs, args.cooldown_epochs, args.warmup_epochs, args.warmup_lr, args.min_lr,
         args.sched, args.decay_epochs, args.decay_rate, args.sched_on_updates, steps_per_epoch)
 
-    checkpoint_path, checkpoint = find_checkpoint(args, run_dir, logger)
     resume = ResumePoint()
     if checkpoint is not None:
-        same_schedule = schedule_options(checkpoint.get('args') or {}) == schedule_options(vars(args))
+        same_schedule = schedule_options(run_options(checkpoint)) == schedule_options(vars(args))
         resume = restore_training(checkpoint, checkpoint_path, model, optimizer, scheduler, precision, model_ema,
-                                  class_to_idx, run_dir, logger, keep_schedule=same_schedule, weights_only=args.eval)
+                                  class_to_idx, run_dir, logger, keep_schedule=same_schedule, weights_only=args.eval,
+                                  train_samples=len(train_set) if train_set is not None else None)
 
     eval_model = torch.compile(model) if args.compile else model
     train_model = eval_model
@@ -437,7 +566,7 @@ def run(args) -> None:
     criterion = build_train_criterion(mixup_fn, args.smoothing)
     saver = CheckpointSaver(run_dir, args.checkpoint_hist, resume.history, resume.best) if dist_env.is_main else None
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, args.model,
-                              plain_args(args), class_to_idx)
+                              plain_args(args), class_to_idx, len(train_set))
     tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, 'tensorboard'), dist_env.is_main, logger)
     best = fit(model, train_model, eval_model, train_loader, val_loader, criterion, optimizer, scheduler, precision,
                device, dist_env, logger, run_dir, saver, state, start_epoch=resume.epoch, total_epochs=total_epochs,
@@ -461,7 +590,8 @@ def run(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with contextlib.ExitStack() as resources:
+            run(args, resources)
     except USER_ERRORS + (ModelError,) as error:
         print(f'error: {error}', file=sys.stderr, flush=True)
         return 2

@@ -24,7 +24,8 @@ from torch import nn
 
 from .van import ALIASES, VARIANTS
 
-__all__ = ['UnsafeFileError', 'safe_load', 'extract_state_dict', 'load_pretrained', 'load_weights', 'guess_variant']
+__all__ = ['UnsafeFileError', 'safe_load', 'extract_state_dict', 'load_pretrained', 'load_weights', 'guess_variant',
+           'file_class_map', 'align_head_to_classes']
 
 _logger = logging.getLogger(__name__)
 
@@ -230,16 +231,64 @@ def _variant_label(variant: str) -> str:
     return f'{variant} (= {ALIASES[variant]})' if variant in ALIASES else variant
 
 
-def load_pretrained(model: nn.Module, path: PathLike, variant: str, require_head: bool = False) -> None:
+def load_pretrained(model: nn.Module, path: PathLike, variant: str, require_head: bool = False,
+                    class_to_idx: Optional[Mapping[str, int]] = None) -> List[str]:
     """Load the weights in the file `path` into `model`, a VAN built as `variant`.
 
-    See `load_weights` for the rules; `safe_load` for unreadable or unsafe files.
+    See `load_weights` for the rules (and the notes it returns); `safe_load` for unreadable or unsafe files.
     """
-    load_weights(model, safe_load(path), variant, source=str(path), require_head=require_head)
+    return load_weights(model, safe_load(path), variant, source=str(path), require_head=require_head,
+                        class_to_idx=class_to_idx)
+
+
+def file_class_map(checkpoint: Any) -> Optional[Dict[str, int]]:
+    """The class name -> output index map a checkpoint carries (main.py stores `class_to_idx`), or None."""
+    class_map = checkpoint.get('class_to_idx') if isinstance(checkpoint, Mapping) else None
+    if not isinstance(class_map, Mapping) or not class_map or not all(
+            isinstance(k, str) and isinstance(i, int) and not isinstance(i, bool) for k, i in class_map.items()):
+        return None
+    return dict(class_map)
+
+
+def align_head_to_classes(file_head: Dict[str, torch.Tensor], file_classes: Optional[Dict[str, int]],
+                           class_to_idx: Optional[Mapping[str, int]], source: str, require_head: bool) -> List[str]:
+    """Reorder the file's head rows in place so that output i is the dataset's class i, matching the two
+    class maps by name (rows of classes the dataset lacks follow, in the file's order). Evaluation
+    (require_head) refuses a file that does not know every class of the dataset; fine-tuning keeps such
+    a head as it is. Returns notes for the log."""
+    if class_to_idx is None or 'head.weight' not in file_head:
+        return []
+    if file_classes is None:
+        return [f'{source} carries no class map: its outputs are taken to be the dataset\'s classes in sorted '
+                'order'] if require_head else []
+    rows = file_head['head.weight'].shape[0]
+    unknown = sorted(set(class_to_idx) - set(file_classes))
+    numbered = sorted(file_classes.values()) == list(range(rows)) and \
+        sorted(class_to_idx.values()) == list(range(len(class_to_idx)))
+    if unknown or not numbered:
+        if not require_head:
+            return []
+        if not numbered:
+            raise ValueError(f'{source}: its class map does not number its {rows} outputs 0..{rows - 1}, so they '
+                             'cannot be matched to the dataset\'s classes')
+        extra = sorted(set(file_classes) - set(class_to_idx))
+        raise ValueError(f'{source} was trained on other classes than the dataset has (only in the dataset: '
+                         f'{_describe(unknown)}; only in the weights: {_describe(extra) or "none"}); evaluate it on '
+                         'the dataset it was trained on')
+    order = [file_classes[name] for name in sorted(class_to_idx, key=class_to_idx.get)]
+    order += [i for i in range(rows) if i not in set(order)]
+    if order == list(range(rows)):
+        return []
+    for key in HEAD_KEYS:
+        if key in file_head:
+            file_head[key] = file_head[key][order]
+    moved = [name for name in sorted(class_to_idx) if file_classes[name] != class_to_idx[name]]
+    return [f'{source} numbers its classes in another order than the dataset ({_describe(moved)}); its head is '
+            'reordered by class name, so each output is the dataset\'s class of that name']
 
 
 def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 'the weights',
-                 require_head: bool = False) -> None:
+                 require_head: bool = False, class_to_idx: Optional[Mapping[str, int]] = None) -> List[str]:
     """Load a checkpoint or state dict of any supported format into `model`, a VAN built as `variant`.
 
     The backbone must match exactly (names and shapes). The head is loaded when its shape matches the
@@ -247,12 +296,20 @@ def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 
     Raises ValueError naming `variant` and the first mismatching keys when `source` holds another
     variant or another architecture, and, with `require_head` (evaluation: a fresh head would score
     chance), when the head does not fit.
+
+    class_to_idx (the dataset's class name -> index): when the file carries its own class map, its head
+    rows are matched to the dataset's classes by name (a file whose classes sort differently would
+    otherwise score near chance); with `require_head` a file of other classes is refused.
+    Returns notes for the caller's log (what was done to the head).
     """
     state_dict = extract_state_dict(checkpoint, source=source)
     target = model.state_dict()
 
     file_head = {k: state_dict.pop(k) for k in HEAD_KEYS if k in state_dict}
     model_head = {k: target[k] for k in HEAD_KEYS if k in target}
+    head_fits = bool(model_head) and set(file_head) == set(model_head) and all(
+        file_head[k].shape == model_head[k].shape for k in model_head)
+    notes = []
 
     # BatchNorm's step counter only matters for momentum=None; conversions may leave it out.
     for name, tensor in target.items():
@@ -271,9 +328,8 @@ def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 
         raise ValueError(f'{source} does not fit {_variant_label(variant)} ({looks_like}); ' + '; '.join(problems) +
                          '. Choose the model that matches the file, or a file of the chosen model.')
 
-    head_fits = bool(model_head) and set(file_head) == set(model_head) and all(
-        file_head[k].shape == model_head[k].shape for k in model_head)
-    if head_fits:
+    if head_fits:  # (a head that is re-initialised has no classes to match)
+        notes += align_head_to_classes(file_head, file_class_map(checkpoint), class_to_idx, source, require_head)
         state_dict.update(file_head)
     elif model_head or file_head:
         file_classes = file_head['head.weight'].shape[0] if 'head.weight' in file_head else 0
@@ -287,6 +343,9 @@ def load_weights(model: nn.Module, checkpoint: Any, variant: str, source: str = 
             fix = f'use the dataset the weights were trained on (or --num-classes {file_classes})'
         if require_head:
             raise ValueError(f'{source} {mismatch}: evaluating a freshly initialised head is meaningless; {fix}')
-        _logger.info(f'{source} {mismatch}; ' + ('keeping a freshly initialised head' if model_head else
+        notes.append(f'{source} {mismatch}; ' + ('keeping a freshly initialised head' if model_head else
                                                  'the model has no head (features only)'))
     model.load_state_dict({**state_dict, **({} if head_fits else model_head)}, strict=True)
+    for note in notes:
+        _logger.info(note)
+    return notes

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from models.weights import UnsafeFileError  # noqa: E402
 from utils.images import BadImageError, check_image_size  # noqa: E402
 from utils.inference import load_model  # noqa: E402
+from utils.options import IMG_SIZE, Number, usable_device  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
 
@@ -120,11 +121,12 @@ def build_parser():
     parser.add_argument('--class-map', default=None,
                         help='class names: .txt with one name per line (class-index order) or .json; '
                              'overrides the names stored in the checkpoint')
-    parser.add_argument('--img-size', type=int, default=None,
+    parser.add_argument('--img-size', type=IMG_SIZE, default=None,
                         help='input size (default: the training size stored in the checkpoint, else the model default 224)')
-    parser.add_argument('--topk', type=int, default=5, help='classes to print per image (default 5)')
-    parser.add_argument('-b', '--batch-size', type=int, default=16, help='images per forward pass (default 16)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+    parser.add_argument('--topk', type=Number(int, at_least=1), default=5, help='classes to print per image (default 5)')
+    parser.add_argument('-b', '--batch-size', type=Number(int, at_least=1), default=16,
+                        help='images per forward pass (default 16)')
+    parser.add_argument('--device', type=usable_device, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='torch device to run on, e.g. cpu, cuda, cuda:1 (default: cuda when available)')
     return parser
 
@@ -132,12 +134,7 @@ def build_parser():
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.topk < 1 or args.batch_size < 1:
-        parser.error('--topk and --batch-size must be at least 1')
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        parser.error(f'--device {args.device!r}: {e}')
+    device = args.device
     try:
         paths = find_images(args.images)
         loaded = load_model(args.checkpoint, model_name=args.model, class_map=args.class_map)

@@ -12,6 +12,7 @@ apex may run and combines gradients) comes from utils.device.DEVICE_KINDS.
 import contextlib
 import functools
 import importlib
+import math
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -49,7 +50,7 @@ def parse_loss_scale(value: str):
         number = float(value)
     except ValueError:
         number = -1.0
-    if not number > 0:
+    if not (number > 0 and math.isfinite(number)):
         raise ValueError(f"--loss-scale must be 'dynamic' or a positive number, got {value!r}")
     return number
 

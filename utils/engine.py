@@ -18,8 +18,8 @@ from timm.utils import distribute_bn
 
 from utils.device import DistEnv, all_reduce_sum, synchronize
 from utils.images import UnreadableDatasetError
-from utils.logger import AverageMeter, update_summary
-from utils.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: for main.py)
+from utils.logger import AverageMeter, SummaryFile
+from utils.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite_state  # noqa: F401  (the error: for main.py)
 from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequest, resume_step,
                               save_recovery_point, stop_requested)
 from utils.progress import progress
@@ -221,11 +221,18 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
     if model_ema is not None:
         logger.info("model EMA: the EMA weights' Acc@1 ranks the checkpoints (model_best, checkpoint-<epoch>) and "
                     'gives the best metric, as in the reference; checkpoints hold both (state_dict, state_dict_ema)')
+    summary = SummaryFile(os.path.join(run_dir, 'summary.csv'), logger)
     eval_kwargs = dict(device=device, dist_env=dist_env, logger=logger, autocast=precision.autocast,
                        log_interval=log_interval, channels_last=channels_last, show_progress=show_progress)
 
+    def check_state(when: str) -> None:
+        """Never save (or pick as best) a state holding NaN or inf, whatever the loss said (utils.nonfinite)."""
+        states = {'model': model.state_dict(), **({'EMA': model_ema.module.state_dict()} if model_ema else {})}
+        check_finite_state(states, when, precision.checkpoint_key is not None, logger if dist_env.is_main else None)
+
     def save_recovery(epoch: int, steps_done: int) -> None:
         nonfinite_guard.check()  # never save weights that a non-finite step touched
+        check_state(f'in epoch {epoch} after step {steps_done}')
         save_recovery_point(saver, training_state, epoch, steps_done, train_loader.batch_size, dist_env.world_size,
                             epoch * steps_per_epoch + steps_done, device, logger)
 
@@ -257,6 +264,7 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
             nonfinite_guard.check()
             if dist_bn:
                 distribute_bn(model, dist_env.world_size, reduce=dist_bn == 'reduce')
+            check_state(f'after epoch {epoch}')
             metrics = evaluate(eval_model, val_loader, **eval_kwargs)
             if model_ema is not None:
                 if dist_bn:
@@ -264,14 +272,16 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
                 metrics = evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
             scheduler.step(epoch + 1, metrics['top1'])
             if dist_env.is_main:
+                # The checkpoint first: a full disk must not cost the epoch (the summary and TensorBoard
+                # report their own write failures and the run goes on).
+                best = saver.save(training_state(), epoch, metrics['top1'])
                 summary_row = dict(
                     epoch=epoch, train_loss=f"{train_stats['loss']:.6f}", lr=f"{train_stats['lr']:.6e}",
                     eval_loss=f"{metrics['loss']:.6f}", eval_top1=f"{metrics['top1']:.4f}",
                     eval_top5=f"{metrics['top5']:.4f}")
-                update_summary(os.path.join(run_dir, 'summary.csv'), summary_row)
+                summary.write(summary_row)
                 if tensorboard is not None:
                     tensorboard.write_epoch(summary_row)
-                best = saver.save(training_state(), epoch, metrics['top1'])
             elif best is None or metrics['top1'] > best[0]:
                 best = (metrics['top1'], epoch)  # every rank has the same metrics
             if stop_requested(stop, device):  # the signal came during evaluation or saving

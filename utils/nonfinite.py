@@ -9,8 +9,15 @@ The guard records one flag per step on the device and looks at them only in `che
 reading the loss every step would make the host wait for the accelerator at every step. Call
 `check` at the log interval and always before writing a checkpoint, so that weights touched by a
 non-finite step are never saved.
+
+A finite loss does not prove a finite model: under the float16 scaler the skipped steps still ran
+their forward pass, and in training mode that updates the BatchNorm running statistics, so a
+diverging run can hold NaN statistics (and, later, weights) while the scaler keeps skipping.
+`check_finite_state` looks at every parameter and buffer before a state is saved; such a state is
+never written (nor chosen as the best), the run stops with NonFiniteStateError, and the
+checkpoints written before are kept.
 """
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -18,6 +25,56 @@ import torch.distributed as dist
 
 class NonFiniteLossError(RuntimeError):
     """Training produced non-finite losses it cannot recover from; the message names the step."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """The model's weights or statistics hold NaN or inf; the state is not saved and the run stops."""
+
+
+def nonfinite_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
+    """Names of the floating-point tensors holding a NaN or inf, with one device-to-host copy per device."""
+    by_device = {}
+    for name, tensor in named_tensors:
+        if torch.is_tensor(tensor) and (tensor.is_floating_point() or tensor.is_complex()):
+            by_device.setdefault(tensor.device, []).append((name, torch.isfinite(tensor).all()))
+    bad = []
+    for pairs in by_device.values():
+        finite = torch.stack([flag for _, flag in pairs]).tolist()
+        bad += [name for (name, _), ok in zip(pairs, finite) if not ok]
+    return bad
+
+
+def _listed(names: List[str], limit: int = 5) -> str:
+    return ', '.join(names[:limit]) + (f' and {len(names) - limit} more' if len(names) > limit else '')
+
+
+def check_finite_state(states: Mapping[str, Mapping[str, torch.Tensor]], when: str, scaler_skips_steps: bool = False,
+                       logger=None) -> None:
+    """Raise NonFiniteStateError when a tensor of the state dicts `states` ({'model': ..., 'EMA': ...}) is
+    not finite. In a distributed run every rank raises when one of them found one, so all stop together.
+    `when` names the moment for the message ('after epoch 3')."""
+    bad = {label: nonfinite_tensors(state.items()) for label, state in states.items()}
+    count = sum(len(names) for names in bad.values())
+    if dist.is_available() and dist.is_initialized():
+        device = next((t.device for state in states.values() for t in state.values() if torch.is_tensor(t)),
+                      torch.device('cpu'))
+        total = torch.tensor([count], device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        if count == 0 and int(total.item()):
+            raise NonFiniteStateError(f'another process found NaN or inf in its model state {when}; the run stops '
+                                      'without saving it (the checkpoints already written are kept)')
+    if not count:
+        return
+    what = '; '.join(f'{label}: {len(names)} tensors ({_listed(names)})' for label, names in bad.items() if names)
+    statistics_only = all(name.endswith(('running_mean', 'running_var')) for names in bad.values() for name in names)
+    if logger is not None:
+        logger.error(f'not saving the state {when}: {count} tensors hold NaN or inf ({what})')
+    cause = (' The float16 loss scaler skipped the steps whose gradients overflowed, but their forward passes '
+             'still updated the BatchNorm statistics.' if scaler_skips_steps and statistics_only else '')
+    raise NonFiniteStateError(
+        f'the model state {when} holds NaN or inf in {count} tensors ({what}).{cause} The run stops without saving '
+        'this state; the checkpoints already written are kept. Lower --lr, use warmup or --clip-grad'
+        + (', or --amp-dtype bfloat16' if scaler_skips_steps else '') + ', then --resume from a good checkpoint')
 
 
 class NonFiniteGuard:

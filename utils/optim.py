@@ -6,6 +6,7 @@ where the device offers a fused kernel; which one (and with which AMP stack) is 
 `fused_adamw` entry in utils.device.DEVICE_KINDS.
 """
 import importlib
+import warnings
 from typing import Optional
 
 import torch
@@ -90,3 +91,35 @@ def create_scheduler(optimizer: torch.optim.Optimizer, epochs: int = 300, cooldo
         cooldown_epochs=cooldown_epochs, min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
         warmup_prefix=False, step_on_epochs=not step_per_update,
         updates_per_epoch=updates_per_epoch if step_per_update else 0)
+
+
+def check_schedule(sched: str = 'cosine', epochs: int = 300, cooldown_epochs: int = 10, warmup_epochs: int = 5,
+                   warmup_lr: float = 1e-6, min_lr: float = 1e-6, decay_epochs: float = 90, decay_rate: float = 0.1,
+                   step_per_update: bool = False) -> None:
+    """Build the schedule on a stand-in optimizer, so that a name or combination timm refuses (an unknown
+    name, 'plateau' per update, a wsd decay longer than the run) is a ValueError at start, in timm's words."""
+    if sched == 'none':
+        raise ValueError("'none' (no schedule) is not supported: use 'constant' for a fixed learning rate")
+    stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        with warnings.catch_warnings():  # timm's deprecation notes come once, when the run builds its schedule
+            warnings.simplefilter('ignore')
+            create_scheduler(stand_in, epochs, cooldown_epochs, warmup_epochs, warmup_lr, min_lr, sched, decay_epochs,
+                             decay_rate, step_per_update, updates_per_epoch=1)
+    except (ValueError, AssertionError, TypeError, KeyError) as error:
+        raise ValueError(f'schedule {sched!r} cannot be built: {error}') from None
+
+
+def check_optimizer(opt: str, lr: float, weight_decay: float, momentum: float, eps=None, betas=None) -> None:
+    """Build the optimizer for a stand-in layer and take one step, so that settings its class refuses (e.g.
+    two --opt-betas for an optimizer that takes three) are a ValueError at start, in the class's words."""
+    stand_in = torch.nn.Linear(2, 2)
+    try:
+        optimizer = create_optimizer(stand_in, torch.device('cpu'), opt, lr, weight_decay, momentum, eps, betas)
+        stand_in(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+    except Exception as error:  # optimizer classes check their arguments in many ways
+        given = ', '.join(f'{flag} {value}' for flag, value in (('--opt-eps', eps), ('--opt-betas', betas))
+                          if value is not None)
+        raise ValueError(f'optimizer {opt!r} cannot be used with these settings{" (" + given + ")" if given else ""}: '
+                         f'{type(error).__name__}: {error}') from None

@@ -32,12 +32,34 @@ class NullWriter:
 
 
 class TensorBoardWriter:
-    """Writes one point per epoch for each summary.csv column (step = epoch)."""
+    """Writes one point per epoch for each summary.csv column (step = epoch).
 
-    def __init__(self, summary_writer):
+    TensorBoard is a view of summary.csv: when its files cannot be written (full disk), one log line says
+    so and the run goes on without it.
+    """
+
+    def __init__(self, summary_writer, logger: Optional[logging.Logger] = None):
         self._writer = summary_writer
+        self._logger = logger or logging.getLogger(__name__)
+
+    def _failed(self, error: Exception) -> None:
+        self._logger.warning(f'TensorBoard logs stopped: {getattr(error, "strerror", None) or error} '
+                             '(summary.csv and the checkpoints are written as before)')
+        writer, self._writer = self._writer, None
+        try:
+            writer.close()  # ends its writing thread; the file is lost anyway
+        except Exception:
+            pass
 
     def write_epoch(self, row: Mapping) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._write(row)
+        except Exception as error:  # the writer's own thread reports a failed write on the next call
+            self._failed(error)
+
+    def _write(self, row: Mapping) -> None:
         epoch = int(row['epoch'])
         for column, tag in EPOCH_TAGS.items():
             value = row.get(column)
@@ -48,7 +70,12 @@ class TensorBoardWriter:
         self._writer.flush()  # one flush per epoch: the curves are current when someone looks
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is None:
+            return
+        try:
+            self._writer.close()
+        except Exception as error:
+            self._failed(error)
 
 
 def create_writer(enabled: bool, log_dir: str, is_main: bool, logger: Optional[logging.Logger] = None):
@@ -65,4 +92,4 @@ def create_writer(enabled: bool, log_dir: str, is_main: bool, logger: Optional[l
                     'logs (pip install tensorboard to get them; summary.csv and curves.png are written anyway)')
         return NullWriter()
     logger.info(f'TensorBoard logs: {log_dir} (view with: tensorboard --logdir {log_dir})')
-    return TensorBoardWriter(SummaryWriter(log_dir=str(log_dir)))
+    return TensorBoardWriter(SummaryWriter(log_dir=str(log_dir)), logger)

@@ -200,3 +200,115 @@ def test_with_model_ema_the_ema_evaluation_picks_the_best_checkpoint(tmp_path, m
     with open(tmp_path / 'summary.csv', newline='') as f:
         assert [row['eval_top1'] for row in csv.DictReader(f)] == ['10.0000', '60.0000']
     assert "the EMA weights' Acc@1 ranks the checkpoints" in caplog.text
+
+
+def _fit_bn(run_dir, criterion, model_ema=None, tensorboard=None, recovery_interval=0, epochs=2):
+    """`epochs` epochs of 6 steps of a small BatchNorm network, saving into run_dir; `criterion(output, target,
+    step)` may tamper with the model (it is called inside the forward pass of step `step`, counted from 1)."""
+    import functools
+    from utils.checkpoint import CheckpointSaver, training_state
+    from utils.data import build_loaders
+    from utils.engine import fit
+    from utils.optim import create_scheduler
+
+    run_dir.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, precision = create_precision(model, optimizer, CPU, enabled=False)
+    train_loader, val_loader = build_loaders(Points(), Points(), 4, 8, 0, 0, 1, seed=0, pin_memory=False)
+    scheduler, _ = create_scheduler(optimizer, epochs=epochs, cooldown_epochs=0, warmup_epochs=0)
+    steps = []
+
+    def counted(output, target):
+        steps.append(1)
+        return criterion(model, output, target, len(steps))
+
+    saver = CheckpointSaver(str(run_dir), 5)
+    state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, 'bn', {}, {})
+    return fit(model, model, model, train_loader, val_loader, counted, optimizer, scheduler, precision, CPU,
+               DistEnv(CPU), LOGGER, str(run_dir), saver, state, start_epoch=0, total_epochs=epochs,
+               steps_per_epoch=len(train_loader), seed=0, model_ema=model_ema, tensorboard=tensorboard,
+               recovery_interval=recovery_interval)
+
+
+def _statistics_overflow_at(bad_step):
+    """A criterion whose loss stays finite while the BatchNorm statistics overflow at `bad_step`, as when the
+    float16 scaler skips a step whose forward pass already updated them."""
+    def criterion(model, output, target, step):
+        if step == bad_step:  # new tensors: the ones of this forward pass are saved for its backward
+            model[1].running_var = torch.full((6,), float('inf'))
+            model[1].running_mean = torch.full((6,), float('nan'))
+        return torch.nn.functional.cross_entropy(output, target)
+    return criterion
+
+
+def test_a_state_with_non_finite_statistics_is_never_saved_and_the_run_stops(tmp_path, caplog):
+    from utils.checkpoint import read_training_checkpoint
+    from utils.nonfinite import NonFiniteLossError
+    with caplog.at_level(logging.ERROR, logger='test-engine'):
+        with pytest.raises(NonFiniteLossError, match=r'after epoch 1 holds NaN or inf in 2 tensors \(model: 2 tensors '
+                                                     r'\(1\.running_mean, 1\.running_var\)\)'):
+            _fit_bn(tmp_path, _statistics_overflow_at(9))  # in epoch 1 (6 steps per epoch)
+    assert 'not saving the state after epoch 1: 2 tensors hold NaN or inf' in caplog.text
+    for name in ('last.pth.tar', 'model_best.pth.tar'):  # epoch 0 stays the newest and best
+        checkpoint = read_training_checkpoint(str(tmp_path / name))
+        assert checkpoint['epoch'] == 0 and all(torch.isfinite(t).all() for t in checkpoint['state_dict'].values()
+                                                if t.is_floating_point())
+    assert not (tmp_path / 'checkpoint-1.pth.tar').exists()
+
+
+def test_non_finite_ema_weights_and_recovery_points_are_never_saved(tmp_path):
+    from timm.utils import ModelEmaV3
+    from utils.nonfinite import NonFiniteLossError
+
+    def poison_ema(model, output, target, step):
+        if step == 3:
+            ema.module[2].weight.data.fill_(float('nan'))
+        return torch.nn.functional.cross_entropy(output, target)
+    torch.manual_seed(0)
+    ema = ModelEmaV3(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)),
+                     decay=0.5)
+    with pytest.raises(NonFiniteLossError, match=r'in epoch 0 after step 3 holds NaN or inf in 1 tensors \(EMA: 1 '):
+        _fit_bn(tmp_path, poison_ema, model_ema=ema, recovery_interval=1)
+    # the recovery points of steps 1 and 2 were good; step 3's is not written over them
+    from utils.checkpoint import read_training_checkpoint
+    assert read_training_checkpoint(str(tmp_path / 'recovery.pth.tar'))['recovery']['steps_done'] == 2
+
+
+def test_a_full_disk_for_the_summary_keeps_the_checkpoint_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    import builtins
+    import errno
+    import csv
+    import utils.logger
+    from utils.checkpoint import read_training_checkpoint
+    failures = []
+
+    def full_disk_for_the_summary_once(path, *args, **kwargs):
+        if str(path).endswith('summary.csv.tmp') and not failures:
+            failures.append(path)
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return builtins.open(path, *args, **kwargs)
+    monkeypatch.setattr(utils.logger, 'open', full_disk_for_the_summary_once, raising=False)
+
+    class FullDiskTensorBoard:
+        def add_scalar(self, *args):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+
+        def flush(self):
+            pass
+
+        def close(self):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+
+    from utils.tensorboard import TensorBoardWriter
+    with caplog.at_level(logging.INFO, logger='test-engine'):
+        _fit_bn(tmp_path, _statistics_overflow_at(None),
+                tensorboard=TensorBoardWriter(FullDiskTensorBoard(), LOGGER))
+    assert failures, 'the fake full disk was not hit'
+    assert read_training_checkpoint(str(tmp_path / 'last.pth.tar'))['epoch'] == 1
+    assert (tmp_path / 'checkpoint-0.pth.tar').exists()
+    assert 'summary.csv: No space left on device; its rows for epoch(s) 0 are written with the next epoch' in caplog.text
+    assert caplog.text.count('TensorBoard logs stopped: No space left on device') == 1
+    with open(tmp_path / 'summary.csv') as f:
+        assert [row['epoch'] for row in csv.DictReader(f)] == ['0', '1']  # epoch 0's row came with epoch 1's

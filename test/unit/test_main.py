@@ -305,7 +305,7 @@ def test_timm_models_default_to_no_drop_path_and_every_variant_has_a_recipe_valu
     assert [models.recipe_drop_path(n) for n in ('van_tiny', 'van_small', 'van_base', 'van_large')] == [0.1, 0.1, 0.1, 0.2]
 
 
-def test_settings_line_comes_before_data_loading_and_an_unknown_model_fails_there(shapes_dataset, tmp_path, capsys):
+def test_settings_line_comes_before_data_loading_and_an_unknown_model_is_refused(shapes_dataset, tmp_path, capsys):
     # --num-classes below the class-folder count stops the run right after the settings line, before
     # any model or data loader is built.
     argv = ['--data_path', str(shapes_dataset), '--num-classes', '2', '--output', str(tmp_path)]
@@ -314,8 +314,9 @@ def test_settings_line_comes_before_data_loading_and_an_unknown_model_fails_ther
     assert 'settings: model van_b3, world size 1, global batch 128 (1 x 128), lr 0.000125 ' \
            '(--lr-base 0.001 x 128 / 1024), drop path 0.2 (van_b3 recipe)' in out
     assert '--num-classes 2 is smaller' in err
-    assert main.main([*argv, '--model', 'van_b9']) == 2
-    assert "unknown model 'van_b9'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # an unknown model is refused while parsing
+        main.main([*argv, '--model', 'van_b9'])
+    assert stopped.value.code == 2 and "invalid choice: 'van_b9'" in capsys.readouterr().err
 
 
 def test_a_resumed_run_compares_the_effective_lr_with_its_checkpoint():
@@ -335,8 +336,8 @@ def test_a_resumed_run_compares_the_effective_lr_with_its_checkpoint():
     (['--amp-backend', 'apex'], 'only apply with --amp'),
     (['--amp', '--opt-level', 'O2', '--amp-backend', 'native'], 'O1 only'),
     (['--amp', '--loss-scale', 'big'], '--loss-scale'),
-    (['--epochs', '0'], '--epochs must be at least 1'),
-    (['--lr-base-size', '0'], '--lr-base-size must be at least 1'),
+    (['--epochs', '0'], 'argument --epochs: expected an integer >= 1'),
+    (['--lr-base-size', '0'], 'argument --lr-base-size: expected an integer >= 1'),
     (['--lr-base-scale', 'log'], 'invalid choice'),
     ([], 'dataset root is required'),
 ])
@@ -400,3 +401,186 @@ def test_eval_with_weights_of_another_class_count_is_refused(shapes_dataset, tmp
     err = capsys.readouterr().err
     assert code == 2
     assert 'ten_classes.pth.tar' in err and '10 classes' in err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--lr', '-1'], 'argument --lr: expected a number > 0'),
+    (['--lr', 'nan'], 'argument --lr'),
+    (['--warmup-lr', 'nan'], 'argument --warmup-lr'),
+    (['--drop-path', '2'], 'argument --drop-path'),
+    (['--smoothing', '1.5'], 'argument --smoothing'),
+    (['--std', '0', '0', '0'], 'argument --std: expected a number > 0'),
+    (['--recount', '-1'], 'argument --recount'),
+    (['--weight-decay', '-0.1'], 'argument --weight-decay'),
+    (['--mixup-prob', '2'], 'argument --mixup-prob'),
+    (['--model-ema-decay', '1.5'], 'argument --model-ema-decay'),
+    (['--crop-pct', '0'], 'argument --crop-pct'),
+    (['--clip-grad', '-1'], 'argument --clip-grad'),
+    (['--img-size', '-5'], 'argument --img-size'),
+    (['--seed', '-3'], 'argument --seed'),
+    (['--loss-scale', 'inf', '--amp'], '--loss-scale'),
+    (['--sched', 'bogus'], "Unknown scheduler 'bogus'"),
+    (['--opt', 'adamx'], "'adamx' is not an optimizer timm knows; did you mean adamax"),
+    (['--aa', 'rand-x9'], 'not an auto-augment policy'),
+    (['--interpolation', 'cubic'], "'cubic' is not an interpolation"),
+    (['--train-interpolation', 'cubic'], "'cubic' is not an interpolation"),
+    (['--remode', 'noise'], 'argument --remode'),
+    (['--model', 'van_b9'], 'argument --model'),
+    (['--sched', 'plateau', '--sched-on-updates'], 'Plateau LR only supports step per epoch'),
+    (['--opt-betas', '0.9'], "optimizer 'adamw' cannot be used with these settings (--opt-betas [0.9])"),
+    (['--scale', '0.9', '0.1'], '--scale takes a range'),
+])
+def test_invalid_values_fail_at_start_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(['--data_path', 'd', *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('text, message', [
+    ('batch_size: [8, 16]\n', 'batch_size (--batch-size): expected one value'),
+    ('batch-size: 8.5\n', 'batch_size (--batch-size): expected an integer >= 1'),
+    ('epochs: 1.5\n', 'epochs (--epochs): expected an integer'),
+    ('clip_mode: bogus\n', "clip_mode (--clip-mode): invalid choice: 'bogus'"),
+    ('amp: "false"\n', "amp (--amp): expected true or false, got 'false'"),
+    ('amp: 1\n', 'amp (--amp): expected true or false'),
+    ('lr: -1\n', 'lr (--lr): expected a number > 0'),
+    ('lr: true\n', 'lr (--lr)'),
+    ('mean: 0.5\n', 'mean (--mean): expected a list of 3 values'),
+    ('std: [1, 1]\n', 'std (--std): expected 3 values'),
+    ('opt: bogus\n', "opt (--opt): 'bogus' is not an optimizer"),
+    ('epochs: null\n', 'epochs (--epochs): needs a value'),
+    ('model: {name: van_b0}\n', 'model (--model): expected one value'),
+    ('- lr\n', 'must be a mapping'),
+    ('lr: [0.1\n', 'is not valid YAML'),
+])
+def test_config_values_follow_the_command_line_rules(tmp_path, text, message, capsys):
+    config = tmp_path / 'cfg.yaml'
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(['--data_path', 'd', '-c', str(config)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_that_is_binary_is_one_message(tmp_path, capsys):
+    config = tmp_path / 'weights.pth'
+    torch.save({'w': torch.randn(64)}, config)
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(['--data_path', 'd', '-c', str(config)])
+    assert exit_info.value.code == 2
+    assert 'weights.pth' in capsys.readouterr().err
+
+
+def test_config_values_are_converted_like_the_command_line(tmp_path):
+    config = tmp_path / 'cfg.yaml'
+    # YAML 1.1 reads 1e-3 (no dot) as a string: the option's own type reads it as the command line would.
+    config.write_text('lr: 1e-3\nmean: [0, 0.5, 1]\nscale: [0.5, 1]\namp: false\nnum_classes: null\nmodel_ema: on\n')
+    args = main.parse_args(['--data_path', 'd', '-c', str(config)])
+    assert args.lr == 1e-3 and args.mean == [0.0, 0.5, 1.0] and args.scale == [0.5, 1.0]
+    assert args.amp is False and args.num_classes is None and args.model_ema is True
+
+
+@pytest.mark.slow
+def test_wrong_option_values_in_a_subprocess_are_one_line_without_traceback(tmp_path, subprocess_env, repo_root):
+    config = tmp_path / 'cfg.yaml'
+    config.write_text('batch_size: [8, 16]\n')
+    for argv in (['-c', config], ['--opt', 'nonsense'], ['--std', '0', '0', '0']):
+        result = run_main(['--data_path', tmp_path, *argv], subprocess_env, repo_root, timeout=120)
+        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith('main.py: error: ')
+
+
+ONE_STEP = [*FAST, *EASY, '--max-steps-per-epoch', '1']
+
+
+@pytest.mark.slow
+def test_resuming_an_sgd_run_without_repeating_opt_continues_with_sgd(shapes_dataset, tmp_path, capsys):
+    common = ['--data_path', str(shapes_dataset), *ONE_STEP, '--output', str(tmp_path), '--experiment', 'sgd']
+    assert main.main([*common, '--epochs', '1', '--opt', 'sgd', '--momentum', '0.8']) == 0
+    capsys.readouterr()
+    assert main.main([*common, '--epochs', '2', '--resume', 'auto']) == 0
+    out = capsys.readouterr().out
+    assert '--opt sgd (not adamw), --momentum 0.8 (not 0.9)' in out and 'optimizer SGD' in out
+    checkpoint = safe_load(tmp_path / 'sgd' / 'last.pth.tar')
+    assert checkpoint['epoch'] == 1 and checkpoint['args']['opt'] == 'sgd'
+    assert checkpoint['optimizer']['param_groups'][0]['momentum'] == 0.8
+    assert yaml.safe_load((tmp_path / 'sgd' / 'args.yaml').read_text())['opt'] == 'sgd'
+
+
+def test_resume_auto_when_every_checkpoint_is_corrupt_stops_and_keeps_them(shapes_dataset, tmp_path, capsys):
+    run_dir = tmp_path / 'broken'
+    run_dir.mkdir()
+    (run_dir / 'last.pth.tar').write_bytes(b'PK\x03\x04 cut off by a full disk')
+    (run_dir / 'checkpoint-4.pth.tar').write_bytes(b'\x80\x02 garbage')
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    code = main.main(['--data_path', str(shapes_dataset), *ONE_STEP, '--epochs', '1', '--output', str(tmp_path),
+                      '--experiment', 'broken', '--resume', 'auto'])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert 'no checkpoint in' in err and 'last.pth.tar' in err and 'checkpoint-4.pth.tar' in err
+    assert {p.name: p.read_bytes() for p in run_dir.glob('*.pth.tar')} == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('train_per_class', [3, 13])  # 12 images now (shrunk below the point), or 52 (grown)
+def test_a_recovery_point_in_a_training_set_that_changed_size_is_refused(shapes_dataset, make_dataset, tmp_path,
+                                                                          capsys, train_per_class):
+    common = [*ONE_STEP, '--output', str(tmp_path), '--experiment', 'run']
+    assert main.main(['--data_path', str(shapes_dataset), *common, '--epochs', '2']) == 0
+    run_dir = tmp_path / 'run'
+    checkpoint = safe_load(run_dir / 'last.pth.tar')  # epoch 1 done; then stopped after 4 steps of epoch 2
+    checkpoint['recovery'] = dict(epoch=2, steps_done=4, samples_seen=32, num_updates=2, rng=[])
+    checkpoint.setdefault('train_samples', 48)
+    torch.save(checkpoint, run_dir / 'recovery.pth.tar')
+    capsys.readouterr()
+    changed = make_dataset({'train': {name: train_per_class for name in ('circle_red', 'square_green',
+                                                                           'triangle_blue', 'cross_yellow')},
+                            'val': {'circle_red': 1, 'square_green': 1, 'triangle_blue': 1, 'cross_yellow': 1}})
+    code = main.main(['--data_path', str(changed), *common, '--epochs', '3', '--resume', 'auto'])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f'stopped after 32 images of epoch 2 of a training set of 48 images, but the training set now holds ' \
+           f'{4 * train_per_class}' in err
+    assert f'--resume {run_dir / "last.pth.tar"}' in err
+
+
+@pytest.mark.slow
+def test_eval_of_pretrained_weights_whose_classes_are_numbered_differently(trained_run, shapes_dataset, tmp_path,
+                                                                           capsys):
+    run_dir, _ = trained_run
+    checkpoint = safe_load(run_dir / 'last.pth.tar')
+    # The same weights as saved by a run whose class folders sorted the other way round.
+    names = sorted(checkpoint['class_to_idx'], key=checkpoint['class_to_idx'].get)[::-1]
+    rows = [checkpoint['class_to_idx'][name] for name in names]
+    state_dict = dict(checkpoint['state_dict'], **{k: checkpoint['state_dict'][k][rows] for k in ('head.weight',
+                                                                                               'head.bias')})
+    reordered = tmp_path / 'reordered.pth.tar'
+    torch.save({'state_dict': state_dict, 'class_to_idx': {name: i for i, name in enumerate(names)}}, reordered)
+    code = main.main(['--data_path', str(shapes_dataset), '--img-size', '32', '-b', '8', '-j', '0', '--eval',
+                      '--pretrained', str(reordered)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert 'reordered by class name' in out
+    (top1, _, _, images), = EVAL_END.findall(out)
+    assert float(top1) == pytest.approx(checkpoint['metric'], abs=1e-3)
+
+    other = tmp_path / 'other.pth.tar'
+    # The --resume path (a whole training checkpoint) maps them for evaluation too, and refuses to train on.
+    torch.save(dict(checkpoint, state_dict=state_dict, class_to_idx={name: i for i, name in enumerate(names)}),
+               reordered)
+    code = main.main(['--data_path', str(shapes_dataset), '--img-size', '32', '-b', '8', '-j', '0', '--eval',
+                      '--resume', str(reordered)])
+    out = capsys.readouterr().out
+    assert code == 0 and 'reordered by class name' in out
+    assert float(EVAL_END.findall(out)[0][0]) == pytest.approx(checkpoint['metric'], abs=1e-3)
+    code = main.main(['--data_path', str(shapes_dataset), *FAST, '--epochs', '5', '--resume', str(reordered),
+                      '--output', str(tmp_path), '--experiment', 'continued'])
+    assert code == 2 and 'numbers its classes in another order than the dataset' in capsys.readouterr().err
+
+    renamed = {('circle_blue' if name == 'circle_red' else name): i for name, i in checkpoint['class_to_idx'].items()}
+    torch.save({'state_dict': checkpoint['state_dict'], 'class_to_idx': renamed}, other)
+    code = main.main(['--data_path', str(shapes_dataset), '--img-size', '32', '-b', '8', '-j', '0', '--eval',
+                      '--pretrained', str(other)])
+    err = capsys.readouterr().err
+    assert code == 2 and 'only in the dataset: circle_red; only in the weights: circle_blue' in err

@@ -889,3 +889,87 @@ def test_full_disk_while_saving_is_reported_without_partial_files(shapes_dataset
     assert "cannot write checkpoint" in result.stderr and 'File too large' in result.stderr
     assert 'Traceback' not in result.stderr
     assert sorted(p.name for p in (tmp_path / 'run').iterdir() if 'pth' in p.name) == []
+
+
+# ---------------------------------------------------------------- one run per run dir
+
+_HOLD_LOCK = ("import sys, time\n"
+              "from utils.output_dir import RunDirLock\n"
+              "lock = RunDirLock(sys.argv[1]).acquire()\n"
+              "print('locked', flush=True)\n"
+              "time.sleep(120)\n")
+
+
+def test_run_dir_lock_names_its_holder_and_is_taken_over_when_the_holder_dies(tmp_path):
+    import socket
+    from utils.output_dir import RunDirBusyError, RunDirLock
+    holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(RunDirBusyError) as busy:
+            RunDirLock(tmp_path).acquire()
+        assert f'pid {holder.pid} on host {socket.gethostname()}' in str(busy.value)
+        assert 'started ' in str(busy.value) and '--experiment' in str(busy.value)
+    finally:
+        holder.kill()  # no chance to release: the kernel drops the lock, the file still names the holder
+        holder.wait()
+    with RunDirLock(tmp_path) as lock:
+        assert f'pid {holder.pid} on host' in lock.describe_takeover() and 'is gone' in lock.describe_takeover()
+    with RunDirLock(tmp_path) as lock:  # released normally: nothing to report
+        assert lock.describe_takeover() is None
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_run_dir_stops_and_leaves_the_first_alone(shapes_dataset, tmp_path,
+                                                                           subprocess_env, capsys):
+    import main
+    args = _main_args(shapes_dataset, tmp_path, 'shared', '--mixup', '0', '--cutmix', '0')
+    first = subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args, '--epochs', '50'], cwd=REPO, env=subprocess_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith('Train: 0 [   1/'):
+                break
+        in_flight = tmp_path / 'shared' / f'last.pth.tar.tmp{first.pid}'  # as if the first run were saving
+        in_flight.write_bytes(b'half written')
+        for resume in ([], ['--resume', 'auto']):
+            status = main.main([*args, '--epochs', '1', '--max-steps-per-epoch', '1', *resume])
+            error = capsys.readouterr().err
+            assert status == 2, error
+            assert f'is in use by another run (pid {first.pid} on host' in error
+            assert in_flight.exists()  # the first run's file is not touched
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output = first.stdout.read()
+        first.wait(timeout=120)
+    assert 'Traceback' not in output
+
+
+@pytest.mark.slow
+def test_float16_run_whose_statistics_overflow_saves_nothing_non_finite(shapes_dataset, tmp_path, subprocess_env):
+    # An absurd learning rate under the float16 scaler: the scaler skips the overflowing steps, but their
+    # forward passes turn the BatchNorm statistics into NaN while the loss guard still waits.
+    args = _main_args(shapes_dataset, tmp_path, 'fp16', '--epochs', '1', '--max-steps-per-epoch', '3', '--mixup', '0',
+                      '--cutmix', '0', '--amp', '--amp-dtype', 'float16', '--lr', '1e30')
+    result = _run_main(args, subprocess_env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert 'Traceback' not in result.stderr
+    assert re.search(r'error: the model state after epoch 0 holds NaN or inf in \d+ tensors \(model: \d+ tensors '
+                     r'\(\S+running_', result.stderr)
+    assert 'still updated the BatchNorm statistics' in result.stderr
+    assert re.search(r'not saving the state after epoch 0: \d+ tensors hold NaN or inf', result.stdout)
+    assert not list((tmp_path / 'fp16').glob('*.pth.tar*'))
+
+
+def test_run_dir_on_a_file_system_without_locks_runs_unprotected_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import utils.output_dir
+    from utils.output_dir import RunDirLock
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(utils.output_dir.fcntl, 'lockf', no_locks)
+    with RunDirLock(tmp_path) as lock:
+        assert 'cannot lock the run dir' in lock.describe_takeover() and 'No locks available' in lock.describe_takeover()

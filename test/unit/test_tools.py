@@ -560,3 +560,28 @@ def test_progress_bar_in_a_terminal_leaves_the_logs_unchanged(shapes_dataset, tm
     assert any(line.startswith('Train: 0 [   2/   2 (100%)]  Loss: ') for line in log_lines)
     assert any(line.startswith('Epoch 0 FPS:') for line in log_lines)
     assert not any('\r' in line or '|' in line for line in log_lines)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--img-size', '-5'], 'argument --img-size: expected an integer >= 32'),
+    (['--img-size', '8.5'], 'argument --img-size'),
+    (['--topk', '0'], 'argument --topk'),
+    (['-b', 'many'], 'argument -b/--batch-size'),
+    (['--device', 'gpu7'], 'argument --device'),
+    (['--device', 'cpu:x'], 'argument --device'),
+])
+def test_predict_invalid_options_are_one_message(checkpoints, images, argv, message, capsys):
+    _, paths = images
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(checkpoints['main']), str(paths[0]), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without a CUDA GPU')
+def test_predict_on_a_missing_gpu_is_one_message(checkpoints, images, capsys):
+    _, paths = images
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(checkpoints['main']), str(paths[0]), '--device', 'cuda'])
+    assert exit_info.value.code == 2
+    assert 'no CUDA GPU' in capsys.readouterr().err

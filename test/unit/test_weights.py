@@ -250,3 +250,58 @@ def test_unreadable_files_get_clear_errors(tmp_path):
 
 def test_safe_load_is_what_the_package_exports():
     assert models.safe_load is safe_load and models.UnsafeFileError is UnsafeFileError
+
+
+def _with_class_map(state_dict, names):
+    """A checkpoint whose head row i is the class names[i] (as a run on folders numbered that way saves it)."""
+    return {'state_dict': state_dict, 'class_to_idx': {name: i for i, name in enumerate(names)}}
+
+
+NAMES = [f'class{i}' for i in range(10)]
+
+
+@pytest.mark.parametrize('require_head', [True, False])  # evaluation and fine-tuning
+def test_head_rows_follow_the_datasets_classes_by_name(source, require_head):
+    from models.weights import load_weights
+    _, state_dict = source
+    file_order = NAMES[::-1]  # the file numbers the same classes the other way round
+    checkpoint = _with_class_map(state_dict, file_order)
+    dataset = {name: i for i, name in enumerate(NAMES)}
+    model = timm.create_model('van_b0', num_classes=10)
+    notes = load_weights(model, checkpoint, 'van_b0', 'w.pth', require_head=require_head, class_to_idx=dataset)
+    for name, index in dataset.items():  # output `index` is the file's row of the class of that name
+        assert torch.equal(model.head.weight[index], state_dict['head.weight'][file_order.index(name)]), name
+        assert model.head.bias[index] == state_dict['head.bias'][file_order.index(name)]
+    assert len(notes) == 1 and 'reordered by class name' in notes[0]
+    same = timm.create_model('van_b0', num_classes=10)
+    assert load_weights(same, _with_class_map(state_dict, NAMES), 'van_b0', 'w.pth', require_head=require_head,
+                        class_to_idx=dataset) == []
+    assert torch.equal(same.head.weight, state_dict['head.weight'])
+
+
+def test_evaluating_weights_of_other_classes_is_refused_naming_them(source):
+    from models.weights import load_weights
+    _, state_dict = source
+    dataset = {name: i for i, name in enumerate(NAMES[:9] + ['zebra'])}
+    with pytest.raises(ValueError, match=r'w\.pth was trained on other classes .*only in the dataset: zebra; only in '
+                                         r'the weights: class9'):
+        load_weights(timm.create_model('van_b0', num_classes=10), _with_class_map(state_dict, NAMES), 'van_b0',
+                     'w.pth', require_head=True, class_to_idx=dataset)
+    # Fine-tuning may start from any head of the right size, and a re-initialised head has nothing to match.
+    model = timm.create_model('van_b0', num_classes=10)
+    assert load_weights(model, _with_class_map(state_dict, NAMES), 'van_b0', 'w.pth', class_to_idx=dataset) == []
+    assert torch.equal(model.head.weight, state_dict['head.weight'])
+    notes = load_weights(timm.create_model('van_b0', num_classes=4), _with_class_map(state_dict, NAMES), 'van_b0',
+                         'w.pth', class_to_idx={'a': 0, 'b': 1, 'c': 2, 'd': 3})
+    assert len(notes) == 1 and 'freshly initialised head' in notes[0]
+
+
+def test_evaluating_on_a_subset_of_the_files_classes_maps_them(source):
+    from models.weights import load_weights
+    _, state_dict = source
+    dataset = {'class7': 0, 'class2': 1}  # --num-classes 10 on a dataset of two of the ten classes
+    model = timm.create_model('van_b0', num_classes=10)
+    load_weights(model, _with_class_map(state_dict, NAMES), 'van_b0', 'w.pth', require_head=True, class_to_idx=dataset)
+    assert torch.equal(model.head.weight[0], state_dict['head.weight'][7])
+    assert torch.equal(model.head.weight[1], state_dict['head.weight'][2])
+    assert sorted(model.head.bias.tolist()) == sorted(state_dict['head.bias'].tolist())  # every row kept once
