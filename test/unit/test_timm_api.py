@@ -14,7 +14,6 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import models
 from models import routed_conv, triton_lka
-from models.fast_conv import FastConv2d
 from models.weights import load_weights
 
 LKA_IMPLS = [name for name in models.lka_impls() if name != 'auto']
@@ -307,7 +306,7 @@ def test_a_routed_conv_traces_to_one_call_and_scripts_to_conv2d(lka_impl, gelu, 
     """One conv of each implementation, small enough for Triton's interpreter: walked into by
     torch.fx.symbolic_trace it is one `conv2d_same` call, and the graph gives eager's output and
     gradients; scripted, it computes F.conv2d (and GELU)."""
-    monkeypatch.setattr(routed_conv, '_told_about_scripting', {'FastConv2d', 'PolyphaseConv2d', 'TritonConv2d'})
+    monkeypatch.setattr(routed_conv, '_told_about_scripting', set())  # this test's warning stays its own
     torch.manual_seed(0)
     model = _OneConv(models.van._LKA_IMPLS[lka_impl](32, 32, 7, padding=9, dilation=3, groups=32), gelu)
     traced = torch.fx.symbolic_trace(model)
@@ -325,9 +324,10 @@ def test_a_routed_conv_traces_to_one_call_and_scripts_to_conv2d(lka_impl, gelu, 
         torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_lka_convolutions_are_leaf_modules_to_timms_tracer():
-    assert is_notrace_module(FastConv2d)
-    _, eval_nodes = get_graph_node_names(_model('fast'))
+@pytest.mark.parametrize('lka_impl', [name for name in LKA_IMPLS if name != 'plain'])
+def test_lka_convolutions_are_leaf_modules_to_timms_tracer(lka_impl):
+    assert is_notrace_module(models.van._LKA_IMPLS[lka_impl])
+    _, eval_nodes = get_graph_node_names(_model(lka_impl))
     conv = 'block1.0.attn.spatial_gating_unit.conv_spatial'
     assert conv in eval_nodes and not any(n.startswith(conv + '.') for n in eval_nodes)
 
