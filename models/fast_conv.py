@@ -36,22 +36,20 @@ On CPU there are two routes, chosen per call:
 The choices were measured on the 2-core AMD EPYC (AVX2) CPU this repository is developed on; the
 decision tables are next to `_BMM_MAX_AREA` (route 2) and `_native_ok` (route 1).
 
-Every route is entered through `conv2d_same`, a function wrapped for torch.fx (a tracer records one
-call of it and the traced graph runs every route as eager does) that TorchScript compiles to plain
-F.conv2d, since the routes are Python-only.
+Both routes are FastConv2d's `conv2d_route` (`fast_conv2d_same`); how TorchScript and torch.fx meet them
+is models/routed_conv.py's (scripted: F.conv2d; traced: one call that runs the routes as eager does).
 """
 import functools
-import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import native_kernels
+from .routed_conv import RoutedConv2d, plain_conv2d_same
 
-__all__ = ['FastConv2d', 'conv2d_same', 'depthwise_conv2d', 'polyphase_split', 'polyphase_merge']
+__all__ = ['FastConv2d', 'fast_conv2d_same', 'depthwise_conv2d', 'polyphase_split', 'polyphase_merge']
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -343,36 +341,9 @@ class _PointwiseConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _plain_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
-                       depthwise: bool) -> torch.Tensor:
-    padding = [dilation * (weight.shape[-2] // 2), dilation * (weight.shape[-1] // 2)]
-    return F.conv2d(x, weight, bias, 1, padding, dilation, weight.shape[0] if depthwise else 1)
-
-
-@torch.fx.wrap
-def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
-                depthwise: bool, gelu: bool = False) -> torch.Tensor:
-    """Stride-1 'same' conv: a depthwise kxk conv (`depthwise`) or a 1x1 conv, then GELU if `gelu`.
-
-    The one entry of FastConv2d into the fast routes. It is wrapped for torch.fx, so a tracer that
-    walks into FastConv2d records one call of this function (run as it is, with every route) instead
-    of tracing its branches on the input's device, dtype and layout; a TorchScript compile (which
-    cannot run the routes) takes F.conv2d.
-    """
-    if torch.jit.is_scripting():
-        y = _plain_conv2d_same(x, weight, bias, dilation, depthwise)
-        return F.gelu(y) if gelu else y
-    else:
-        return _conv2d_same_eager(x, weight, bias, dilation, depthwise, gelu)
-
-
-# The routes are Python (autograd Functions, ctypes kernels): TorchScript cannot compile them, so a
-# scripted FastConv2d computes F.conv2d, nn.Conv2d's result; `FastConv2d.__prepare_scriptable__` says
-# so once per process.
-_told_about_scripting = False
-
-
-def _conv2d_same_eager(x, weight, bias, dilation, depthwise, gelu):
+def fast_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
+                     depthwise: bool, gelu: bool) -> torch.Tensor:
+    """plain_conv2d_same(x, weight, bias, dilation, depthwise), then GELU if `gelu`, by the fastest route."""
     if depthwise and x.device.type == 'cpu' and x.dim() == 4 and not torch.compiler.is_compiling():
         # Under torch.compile the compiler picks its own kernels; the autograd.Function would only
         # break its graph.
@@ -382,51 +353,30 @@ def _conv2d_same_eager(x, weight, bias, dilation, depthwise, gelu):
     elif not depthwise and _pointwise_ok(x, weight):
         y = _PointwiseConv.apply(x, weight, bias)
     else:
-        y = _plain_conv2d_same(x, weight, bias, dilation, depthwise)
+        y = plain_conv2d_same(x, weight, bias, dilation, depthwise)
     return F.gelu(y) if gelu else y
 
 
-class FastConv2d(nn.Conv2d):
+class FastConv2d(RoutedConv2d):
     """nn.Conv2d that takes the fast CPU path for stride-1 'same' depthwise convs and 1x1 convs,
     nn.Conv2d otherwise.
 
     On other devices (CUDA, NPU) the vendor libraries' own depthwise kernels are used unchanged:
     cuDNN has fast dilated depthwise kernels, so the CPU remedies would only add copies there.
-    To tracers it is a leaf module like nn.Conv2d (models/van.py registers every lka_impl class with
-    timm's notrace list); a tracer that walks into it anyway sees one `conv2d_same` call.
+    TorchScript and torch.fx meet it as models/routed_conv.py describes; `forward_gelu` fuses the
+    MLP's GELU into its conv where the C kernels run.
     """
+
+    scripting_note = ('its fast CPU routes and native kernels are Python-only; CPU training and inference are '
+                      'slower than eager')
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.routed_depthwise = self.same_depthwise()
         kh, kw = self.kernel_size
-        self._fast_shape = (
-            self.groups == self.in_channels == self.out_channels
-            and self.stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and (kh, kw) != (1, 1)
-            and self.dilation[0] == self.dilation[1] and self.padding_mode == 'zeros'
-            and self.padding == (self.dilation[0] * (kh // 2), self.dilation[0] * (kw // 2)))
-        self._pointwise = (
+        self.routed_pointwise = (
             (kh, kw) == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0)
             and self.dilation == (1, 1) and self.padding_mode == 'zeros'
             and self.in_channels < _POINTWISE_MAX_RATIO * self.out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fast_shape or self._pointwise:
-            return conv2d_same(x, self.weight, self.bias, self.dilation[0], self._fast_shape)
-        return self._conv_forward(x, self.weight, self.bias)
-
-    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """F.gelu(self(x)); one pass of the C kernels where they run (the MLP's dwconv + GELU)."""
-        if self._fast_shape:
-            return conv2d_same(x, self.weight, self.bias, self.dilation[0], True, True)
-        return F.gelu(self.forward(x))
-
-    def __prepare_scriptable__(self) -> 'FastConv2d':
-        # torch.jit.script calls this on every submodule before compiling it.
-        global _told_about_scripting
-        if not _told_about_scripting:
-            _told_about_scripting = True
-            warnings.warn('TorchScript: FastConv2d (lka_impl=\'fast\') runs as plain nn.Conv2d in a scripted '
-                          'model: its fast CPU routes and native kernels are Python-only. Results are the same '
-                          'to float rounding; CPU training and inference are slower than eager.', UserWarning,
-                          stacklevel=2)
-        return self
+    conv2d_route = staticmethod(fast_conv2d_same)

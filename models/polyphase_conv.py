@@ -14,11 +14,13 @@ Convolution.cpp, ConvParams::use_cudnn_depthwise, pytorch/pytorch@954cecd: the N
 5x5-or-smaller conv on the phases can go to cuDNN. Whether the copies cost less than they save is what
 tools/gpu_benchmark.sh measures, so no default uses this.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .fast_conv import _live_radius, _memory_format
+from .routed_conv import RoutedConv2d, plain_conv2d_same
 
 __all__ = ['PolyphaseConv2d', 'polyphase_conv2d']
 
@@ -49,21 +51,24 @@ def polyphase_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, dilation: int)
     return y.contiguous(memory_format=memory_format)
 
 
-class PolyphaseConv2d(nn.Conv2d):
+def _polyphase_route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
+                     depthwise: bool, gelu: bool) -> torch.Tensor:
+    if x.dim() == 4:
+        y = polyphase_conv2d(x, weight, bias, dilation)
+    else:  # an unbatched map, as nn.Conv2d takes it
+        y = plain_conv2d_same(x, weight, bias, dilation, True)
+    return F.gelu(y) if gelu else y
+
+
+class PolyphaseConv2d(RoutedConv2d):
     """nn.Conv2d whose stride-1 'same' dilated depthwise convs (the LKA's 7x7 dilation 3) run as
     `polyphase_conv2d` on every device; all other convs run nn.Conv2d's forward. Parameters are
     nn.Conv2d's, so every checkpoint loads."""
 
+    scripting_note = 'its polyphase rewrite runs in eager mode only'
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        kh, kw = self.kernel_size
-        d = self.dilation[0]
-        self._polyphase = (
-            self.groups == self.in_channels == self.out_channels and self.stride == (1, 1) and d > 1
-            and self.dilation == (d, d) and kh % 2 == 1 and kw % 2 == 1 and self.padding_mode == 'zeros'
-            and self.padding == (d * (kh // 2), d * (kw // 2)))
+        self.routed_depthwise = self.same_depthwise() and self.dilation[0] > 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._polyphase and x.dim() == 4:
-            return polyphase_conv2d(x, self.weight, self.bias, self.dilation[0])
-        return super().forward(x)
+    conv2d_route = staticmethod(_polyphase_route)

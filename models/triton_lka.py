@@ -51,7 +51,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .routed_conv import RoutedConv2d, plain_conv2d_same
 
 __all__ = ['TritonConv2d', 'available', 'unavailable_reason', 'depthwise_conv']
 
@@ -397,7 +398,30 @@ def _say_cpu_fallback(device: torch.device) -> None:
                       f"running nn.Conv2d's kernels on {device} instead", stacklevel=4)
 
 
-class TritonConv2d(nn.Conv2d):
+def _use_triton(x: torch.Tensor) -> bool:
+    """Whether the kernels take this map: 4-D, a supported (autocast) dtype, on CUDA or in the interpreter."""
+    if x.dim() != 4:
+        return False
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        return False
+    if x.device.type == 'cuda':
+        return True
+    if x.device.type == 'cpu' and interpreting():
+        return True
+    _say_cpu_fallback(x.device)
+    return False
+
+
+def _triton_route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
+                  depthwise: bool, gelu: bool) -> torch.Tensor:
+    if _use_triton(x):
+        return depthwise_conv(x, weight, bias, dilation, gelu)
+    y = plain_conv2d_same(x, weight, bias, dilation, True)
+    return F.gelu(y) if gelu else y
+
+
+class TritonConv2d(RoutedConv2d):
     """nn.Conv2d whose stride-1 'same' depthwise convs run the Triton kernels on CUDA; any other conv
     (the 1x1 projections), device or dtype runs nn.Conv2d's own forward.
 
@@ -405,37 +429,13 @@ class TritonConv2d(nn.Conv2d):
     GELU(dwconv(x)) in one kernel.
     """
 
+    scripting_note = 'its Triton kernels are custom ops that TorchScript cannot call'
+
     def __init__(self, *args, **kwargs):
         reason = unavailable_reason()
         if reason:
             raise ValueError(f"lka_impl 'triton' is unavailable: {reason}; choose another --lka-impl")
         super().__init__(*args, **kwargs)
-        kh, kw = self.kernel_size
-        self._triton_shape = (
-            self.groups == self.in_channels == self.out_channels and self.stride == (1, 1)
-            and kh == kw and kh % 2 == 1 and kh > 1 and self.dilation[0] == self.dilation[1]
-            and self.padding_mode == 'zeros' and self.padding == (self.dilation[0] * (kh // 2),) * 2)
+        self.routed_depthwise = self.same_depthwise() and self.kernel_size[0] == self.kernel_size[1]
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        if not self._triton_shape or x.dim() != 4:
-            return False
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if dtype not in _SUPPORTED_DTYPES:
-            return False
-        if x.device.type == 'cuda':
-            return True
-        if x.device.type == 'cpu' and interpreting():
-            return True
-        _say_cpu_fallback(x.device)
-        return False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_triton(x):
-            return depthwise_conv(x, self.weight, self.bias, self.dilation[0])
-        return super().forward(x)
-
-    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """F.gelu(self(x)), in one kernel where the Triton kernels run."""
-        if self._use_triton(x):
-            return depthwise_conv(x, self.weight, self.bias, self.dilation[0], gelu=True)
-        return F.gelu(self(x))
+    conv2d_route = staticmethod(_triton_route)

@@ -67,8 +67,8 @@ def register_lka_impl(name: str, conv_cls: Callable[..., nn.Conv2d], use_for_aut
     To the outside the class is a convolution: timm's torch.fx tracers (features_only with
     feature_cls='fx', timm.layers.create_feature_extractor) keep it a leaf module, as they keep
     nn.Conv2d. Whatever TorchScript or a tracer walking into it cannot handle, the class settles itself
-    (FastConv2d: scripted, it computes F.conv2d and says so once in `__prepare_scriptable__`; traced,
-    it is one wrapped function call).
+    (the project's classes share models/routed_conv.py's RoutedConv2d: scripted, they compute F.conv2d
+    and say so once; traced, each conv is one wrapped function call).
     """
     global _AUTO_LKA_IMPL
     if name == 'auto':
@@ -192,7 +192,7 @@ class Mlp(nn.Module):
         # Decided by the modules alone (TorchScript evaluates hasattr/isinstance when compiling).
         if hasattr(self.dwconv.dwconv, 'forward_gelu') and isinstance(self.act, nn.GELU) \
                 and self.act.approximate == 'none':
-            x = self.dwconv.dwconv.forward_gelu(x)  # FastConv2d: the same GELU(dwconv(x)), fused on CPU
+            x = self.dwconv.dwconv.forward_gelu(x)  # RoutedConv2d: the same GELU(dwconv(x)), maybe fused
         else:
             x = self.act(self.dwconv(x))
         return self.drop(self.fc2(self.drop(x)))

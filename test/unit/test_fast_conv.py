@@ -120,7 +120,7 @@ def test_non_depthwise_and_strided_convs_are_plain_conv2d():
     for kwargs in [dict(in_channels=4, out_channels=8, kernel_size=1),
                    dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=1, groups=4),
                    dict(in_channels=4, out_channels=4, kernel_size=3, padding=0, groups=4)]:
-        assert not FastConv2d(**kwargs)._fast_shape, kwargs
+        assert not FastConv2d(**kwargs).routed_depthwise, kwargs
 
 
 def test_state_dict_names_are_conv2d_names():

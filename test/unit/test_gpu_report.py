@@ -160,7 +160,8 @@ def test_kernel_classes(kernel, ops, weight, expected):
 
 def test_cpu_profile_of_a_training_step_is_split_into_classes():
     from models import VAN
-    model = VAN(embed_dims=(16, 32), depths=(1, 1), mlp_ratios=(2, 2), num_classes=4, lka_impl='plain')
+    model = VAN(embed_dims=(16, 32, 16, 16), depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2), num_classes=4,
+                lka_impl='plain')
     optimizer = torch.optim.AdamW(model.parameters())
     images, targets = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
 

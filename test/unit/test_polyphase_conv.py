@@ -47,7 +47,7 @@ def test_only_dilated_depthwise_convs_take_the_polyphase_route(monkeypatch):
 
 
 def test_van_with_polyphase_matches_plain():
-    config = dict(embed_dims=(16, 32), depths=(1, 1), mlp_ratios=(2, 2), num_classes=3)
+    config = dict(embed_dims=(16, 32, 16, 16), depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2), num_classes=3)
     torch.manual_seed(0)
     plain = VAN(**config, lka_impl='plain').double()
     polyphase = VAN(**config, lka_impl='polyphase').double()

@@ -8,15 +8,19 @@ import timm
 import torch
 from timm.layers import get_graph_node_names
 from timm.models import is_notrace_module
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import models
-from models import fast_conv
-from models.fast_conv import FastConv2d
+from models import routed_conv, triton_lka
 from models.weights import load_weights
 
-IMPLS = [name for name in models.lka_impls() if name != 'auto']
+LKA_IMPLS = [name for name in models.lka_impls() if name != 'auto']
+# For tests that run the model: under Triton's CPU interpreter (test/unit/conftest.py) the 'triton' model's
+# convs run at Python speed, 5-50 s a test, so there they run with the slow tests.
+IMPLS = [pytest.param(name, marks=pytest.mark.slow) if name == 'triton' and triton_lka.interpreting() else name
+         for name in LKA_IMPLS]
 STAGE_CHANNELS = [32, 64, 160, 256]  # van_b0
 
 
@@ -219,17 +223,19 @@ def test_torchscript_outputs_equal_eager(lka_impl, scriptable):
         assert torch.equal(got, expected)
 
 
-def test_scripting_the_fast_model_says_once_that_it_runs_plain_convolutions(monkeypatch):
-    monkeypatch.setattr(fast_conv, '_told_about_scripting', False)
-    model = _model('fast').eval()
+@pytest.mark.parametrize('lka_impl', [name for name in LKA_IMPLS if name != 'plain'])
+def test_scripting_says_once_that_the_model_runs_plain_convolutions(lka_impl, monkeypatch):
+    monkeypatch.setattr(routed_conv, '_told_about_scripting', set())
+    model = _model(lka_impl).eval()
+    conv_cls = type(model.block1[0].attn.spatial_gating_unit.conv_spatial)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         torch.jit.script(model)
         torch.jit.script(model)
-    told = [w for w in caught if 'FastConv2d' in str(w.message)]
-    assert len(told) == 1 and 'nn.Conv2d' in str(told[0].message)
-    # scripting leaves the eager model as it was: its convolutions still take the fast path
-    assert isinstance(model.block1[0].attn.spatial_gating_unit.conv_spatial, FastConv2d)
+    told = [w for w in caught if conv_cls.__name__ in str(w.message)]
+    assert len(told) == 1 and 'runs as plain nn.Conv2d' in str(told[0].message)
+    # scripting leaves the eager model as it was: its convolutions still take their route
+    assert type(model.block1[0].attn.spatial_gating_unit.conv_spatial) is conv_cls is not nn.Conv2d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,9 +288,46 @@ def test_timm_fx_features_equal_the_getter_features(lka_impl):
             assert torch.equal(got, expected)
 
 
-def test_lka_convolutions_are_leaf_modules_to_timms_tracer():
-    assert is_notrace_module(FastConv2d)
-    _, eval_nodes = get_graph_node_names(_model('fast'))
+class _OneConv(nn.Module):
+    """One LKA conv, as the MLP calls it with its GELU (`gelu`) or as the LKA calls it."""
+
+    def __init__(self, conv: nn.Module, gelu: bool):
+        super().__init__()
+        self.conv = conv
+        self.gelu = gelu
+
+    def forward(self, x):
+        return self.conv.forward_gelu(x) if self.gelu else self.conv(x)
+
+
+@pytest.mark.parametrize('lka_impl', [name for name in LKA_IMPLS if name != 'plain'])
+@pytest.mark.parametrize('gelu', [False, True], ids=['conv', 'conv_gelu'])
+def test_a_routed_conv_traces_to_one_call_and_scripts_to_conv2d(lka_impl, gelu, monkeypatch):
+    """One conv of each implementation, small enough for Triton's interpreter: walked into by
+    torch.fx.symbolic_trace it is one `conv2d_same` call, and the graph gives eager's output and
+    gradients; scripted, it computes F.conv2d (and GELU)."""
+    monkeypatch.setattr(routed_conv, '_told_about_scripting', set())  # this test's warning stays its own
+    torch.manual_seed(0)
+    model = _OneConv(models.van._LKA_IMPLS[lka_impl](32, 32, 7, padding=9, dilation=3, groups=32), gelu)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == 'call_function'] == [routed_conv.conv2d_same]
+    x = torch.randn(2, 32, 8, 7)
+    expected = F.conv2d(x, model.conv.weight, model.conv.bias, 1, 9, 3, 32)
+    expected = F.gelu(expected) if gelu else expected
+    eager = _outputs_and_gradients(model, model, x)
+    torch.testing.assert_close(eager[0], expected, rtol=1e-5, atol=1e-5)
+    got = _outputs_and_gradients(traced, model, x)
+    torch.testing.assert_close(got[0], eager[0], rtol=1e-6, atol=1e-6)
+    for name, grad in eager[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f'{name}: {m}')
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('lka_impl', [name for name in LKA_IMPLS if name != 'plain'])
+def test_lka_convolutions_are_leaf_modules_to_timms_tracer(lka_impl):
+    assert is_notrace_module(models.van._LKA_IMPLS[lka_impl])
+    _, eval_nodes = get_graph_node_names(_model(lka_impl))
     conv = 'block1.0.attn.spatial_gating_unit.conv_spatial'
     assert conv in eval_nodes and not any(n.startswith(conv + '.') for n in eval_nodes)
 

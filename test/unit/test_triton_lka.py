@@ -147,8 +147,8 @@ def test_torch_compile_traces_the_module_without_graph_breaks(device):
 @needs_triton
 @pytest.mark.slow
 def test_van_training_step_matches_plain(device):
-    """A two-stage VAN with lka_impl='triton' computes the same loss and gradients as 'plain'."""
-    config = dict(embed_dims=(32, 64), depths=(1, 1), mlp_ratios=(2, 2), num_classes=5)
+    """A small VAN with lka_impl='triton' computes the same loss and gradients as 'plain'."""
+    config = dict(embed_dims=(32, 64, 32, 32), depths=(1, 1, 1, 1), mlp_ratios=(2, 2, 2, 2), num_classes=5)
     torch.manual_seed(0)
     plain = VAN(**config, lka_impl='plain')
     fast = VAN(**config, lka_impl='triton')
@@ -188,4 +188,4 @@ def test_module_keeps_conv2d_parameters_and_falls_back_on_cpu(monkeypatch):
 def test_missing_triton_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(triton_lka, 'unavailable_reason', lambda: 'the triton package cannot be imported (test)')
     with pytest.raises(ValueError, match="lka_impl 'triton' is unavailable: the triton package cannot be imported"):
-        VAN(embed_dims=(32,), depths=(1,), mlp_ratios=(2,), lka_impl='triton')
+        VAN(embed_dims=(32,) * 4, depths=(1,) * 4, mlp_ratios=(2,) * 4, lka_impl='triton')
