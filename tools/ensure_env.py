@@ -239,6 +239,12 @@ def choose_venv_python(environ, probe=probe_version):
                       % TESTED_PYTHON, TESTED_PYTHON, TESTED_PYTHON))
 
 
+def shorten(problems, shown=3):
+    """The first problems joined, then how many more."""
+    text = "; ".join(problems[:shown])
+    return text + ("; and %d more" % (len(problems) - shown) if len(problems) > shown else "")
+
+
 def _is_within(path, folder):
     path, folder = os.path.abspath(path), os.path.abspath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -321,7 +327,8 @@ def pip_install(python, files, log):
     for path in files:
         command += ["-r", str(path)]
     log("Running: %s" % " ".join(shlex.quote(part) for part in command))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                               encoding="utf-8", errors="replace")
     lines = []
     for line in process.stdout:
         sys.stderr.write(line)
@@ -336,7 +343,7 @@ def ensure_venv(venv, files, environ, log):
     python = venv / "bin" / "python"
     names = ", ".join(Path(f).name for f in files)
     created = False
-    report, why = inspect_interpreter(python, files) if python.exists() else (None, "not created yet")
+    report, why = inspect_interpreter(python, files) if python.exists() else (None, "no %s" % python)
     if report is not None and python_problem(tuple(int(p) for p in report["version"].split("."))):
         report, why = None, "its Python %s is too old" % report["version"]
     if report is None:
@@ -354,7 +361,7 @@ def ensure_venv(venv, files, environ, log):
         if created:
             reason = "new environment"
         elif report["unmet"]:
-            reason = "it lacks: " + "; ".join(report["unmet"])
+            reason = "it lacks: " + shorten(report["unmet"])
         elif stamp.exists():
             reason = "%s changed since the last install" % names
         else:
@@ -390,7 +397,7 @@ def ensure_environment(files, environ, log):
             if report is not None and not report["unmet"]:
                 log("Using Python %s at %s (%s; it meets %s)" % (report["version"], python, how, names))
                 return python, report
-            lacks = why if report is None else "lacks: " + "; ".join(report["unmet"])
+            lacks = why if report is None else "lacks: " + shorten(report["unmet"])
             log("%s (%s) %s" % (python, how, lacks))
     return ensure_venv(venv, files, environ, log)
 

@@ -397,3 +397,12 @@ def test_a_folder_that_is_not_a_venv_is_never_deleted(box):
     assert result.returncode == 1
     assert f"error: {box.venv} exists but is not a virtual environment" in result.stderr
     assert (box.venv / "notes.txt").read_text() == "mine"
+
+
+def test_a_broken_venv_is_created_again(box):
+    box.venv.mkdir()
+    (box.venv / "pyvenv.cfg").write_text("home = /gone\n")   # its Python was removed
+    result = box.run("demo.sh")
+    assert result.returncode == 0, result.stderr
+    assert f"The virtual environment {box.venv} is unusable (no {box.venv}/bin/python)" in result.stderr
+    assert f"system -m venv {box.venv}" in box.calls()
