@@ -35,7 +35,7 @@ Epoch 0 FPS:64.00
 *** Best metric: 97.222 (epoch 0)
 """
 PIP_NOT_FOUND = """\
-Looking in indexes: https://pypi.org/simple
+Looking in links: wheels
 Collecting torch<=2.14.1,>=2.4 (from -r requirements.txt (line 1))
 ERROR: Could not find a version that satisfies the requirement torch<=2.14.1,>=2.4 (from versions: none)
 ERROR: No matching distribution found for torch<=2.14.1,>=2.4
@@ -187,7 +187,7 @@ def test_markers_of_this_interpreter_decide_whether_a_line_applies():
 
 
 def test_requirement_files_follow_includes_and_skip_comments_and_index_options(tmp_path):
-    (tmp_path / "base.txt").write_text("torch>=2.4  # inline comment\n\n--extra-index-url https://example\n")
+    (tmp_path / "base.txt").write_text("torch>=2.4  # inline comment\n\n--find-links wheels/\n")
     (tmp_path / "dev.txt").write_text("-r base.txt\npytest>=7.4\n")
     lines, files = ensure_env.read_requirement_lines(tmp_path / "dev.txt")
     assert lines == [("base.txt:1", "torch>=2.4"), ("dev.txt:2", "pytest>=7.4")]
@@ -270,6 +270,12 @@ def main_calls(calls):
     return [call for call in calls if " main.py " in call]
 
 
+def option_values(call, name):
+    """Every value main.py gets for `name`, in order ('--name value' or '--name=value')."""
+    values = [word.split("=", 1)[1] for word in call if word.startswith(name + "=")]
+    return values + [call[i + 1] for i, word in enumerate(call) if word == name]
+
+
 def test_demo_uses_the_current_python_as_is_when_it_meets_the_requirements(box):
     satisfied(box)
     result = box.run("demo.sh")
@@ -282,7 +288,8 @@ def test_demo_uses_the_current_python_as_is_when_it_meets_the_requirements(box):
            "requirements.txt)" in result.stderr
     # The quick start's settings reach main.py; the results are listed at the end.
     call = main_calls(calls)[0].split()
-    assert call[call.index("--epochs") + 1] == "8" and "--img-size=32" in call and "--amp" not in call
+    assert option_values(call, "--epochs") == ["8"] and option_values(call, "--img-size") == ["32"]
+    assert option_values(call, "--lr") == ["1e-3"] and "--amp" not in call
     assert "Top-1 accuracy (best epoch, validation set): 97.222 %" in result.stdout
     run_dir = result.stdout.split("Run dir (checkpoints, summary.csv): ")[1].split()[0]
     assert f"Checkpoints:  {run_dir}/model_best.pth.tar, last.pth.tar" in result.stdout
@@ -319,7 +326,7 @@ def test_demo_creates_the_venv_once_and_reuses_it(box):
     assert not any(" -m venv" in c or " -m pip" in c for c in calls)
     assert f"(virtual environment {box.venv}, up to date)" in result.stderr
     call = main_calls(calls)[0].split()
-    assert call[0] == "venv" and call[call.index("--epochs") + 1] == "3"
+    assert call[0] == "venv" and option_values(call, "--epochs") == ["3"]
     assert call.index("--img-size=64") > call.index("--img-size=32")  # the later one wins in main.py
 
 
