@@ -23,36 +23,25 @@ import timm
 from timm.data import resolve_data_config
 from timm.utils import ModelEmaV3
 
-from utils.data_layout import DatasetLayoutError, check_dataset_layout
-from utils.images import BadImageError
-from utils.output_dir import (CHECKPOINTS_ON_DISK, OutputDirError, RunDirLock, check_output_dir,
-                              estimate_checkpoint_bytes)
+from utils.data_layout import check_dataset_layout
+from utils.errors import CheckpointError, DatasetError, ModelError, OptionError, OutputDirError, UserError
+from utils.output_dir import CHECKPOINTS_ON_DISK, RunDirLock, check_output_dir, estimate_checkpoint_bytes
 from utils.preemption import RECOVERY_FILE, Preempted
-from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, AmpError, amp_backend_for, create_precision, parse_loss_scale
-from utils.checkpoint import (CheckpointError, CheckpointSaver, CheckpointWriteError, ResumePoint, find_resume_checkpoint,
-                              read_training_checkpoint, remove_partial_files, restore_training, run_options,
-                              training_state)
+from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, amp_backend_for, create_precision, parse_loss_scale
+from utils.checkpoint import (CheckpointSaver, ResumePoint, find_resume_checkpoint, read_training_checkpoint,
+                              remove_partial_files, restore_training, run_options, training_state)
 from utils.curves import plot_run_curves
-from utils.data import (DataConfig, DatasetError, build_datasets, build_loaders, build_mixup,
-                        build_train_criterion, find_class_map, find_split_dirs)
-from utils.device import (DEVICE_CHOICES, DeviceError, all_reduce_sum, check_memory_format, cleanup_distributed,
+from utils.data import (DataConfig, build_datasets, build_loaders, build_mixup, build_train_criterion,
+                        find_class_map, find_split_dirs)
+from utils.device import (DEVICE_CHOICES, all_reduce_sum, check_memory_format, cleanup_distributed,
                           init_distributed_device, is_peer_failure, pin_memory_settings)
-from utils.engine import NonFiniteLossError, evaluate, fit, set_seed
+from utils.engine import evaluate, fit, set_seed
 from utils.logger import setup_logger
 from utils.optim import LR_BASE_SCALES, check_optimizer, check_schedule, create_optimizer, create_scheduler, effective_lr
-from utils.options import (IMG_SIZE, Number, OptionError, augment_policy, convert_values, interpolation_name,
+from utils.options import (IMG_SIZE, Number, augment_policy, convert_values, interpolation_name,
                            optimizer_name, scheduler_name, train_interpolation_name)
 from utils.progress import progress_enabled
 from utils.tensorboard import create_writer
-
-# Errors a user can cause: reported as one message, exit status 2, no traceback.
-USER_ERRORS = (DatasetError, DatasetLayoutError, BadImageError, CheckpointError, CheckpointWriteError, OutputDirError, DeviceError, AmpError,
-               NonFiniteLossError)
-
-
-class ModelError(ValueError):
-    """The model cannot be built as asked (unknown name, unreadable --pretrained file)."""
-
 
 # Rules shared by several options (each option's own rule is its `type=`, see utils/options.py).
 PROBABILITY = Number(float, at_least=0, at_most=1)
@@ -592,7 +581,7 @@ def main(argv=None) -> int:
     try:
         with contextlib.ExitStack() as resources:
             run(args, resources)
-    except USER_ERRORS + (ModelError,) as error:
+    except UserError as error:  # utils.errors: one message, exit status 2, no traceback
         print(f'error: {error}', file=sys.stderr, flush=True)
         return 2
     except Preempted as stopped:

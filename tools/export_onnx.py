@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models.van import Block, OverlapPatchEmbed  # noqa: E402
-from models.weights import UnsafeFileError  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.inference import load_model  # noqa: E402
 
 INPUT_NAME, OUTPUT_NAME = 'image', 'class'
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
 
     try:
         loaded = load_model(checkpoint, model_name=args.model)
-    except (FileNotFoundError, UnsafeFileError, ValueError) as err:
+    except UserError as err:
         print(f'export_onnx: error: {err}', file=sys.stderr)
         return 2
     img_size = (args.img_size, args.img_size) if args.img_size else (loaded.img_size or (DEFAULT_IMG_SIZE,) * 2)

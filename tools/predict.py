@@ -25,8 +25,8 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from models.weights import UnsafeFileError  # noqa: E402
 from utils.images import BadImageError, check_image_size  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.inference import load_model  # noqa: E402
 from utils.options import IMG_SIZE, Number, usable_device  # noqa: E402
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     try:
         paths = find_images(args.images)
         loaded = load_model(args.checkpoint, model_name=args.model, class_map=args.class_map)
-    except (FileNotFoundError, UnsafeFileError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UserError) as err:
         print(f'predict: error: {err}', file=sys.stderr)
         return 2
     transform, config = build_transform(loaded.model, loaded.data_args, args.img_size)

@@ -17,21 +17,14 @@ from typing import Mapping, Optional
 import torch
 
 from models.weights import HEAD_KEYS, align_head_to_classes, safe_load
-from utils.nonfinite import NonFiniteStateError, nonfinite_tensors
+from utils.errors import CheckpointError, CheckpointWriteError, NonFiniteStateError
+from utils.nonfinite import nonfinite_tensors
 from utils.preemption import RECOVERY_FILE
 
 CHECKPOINT_FILES = ('last.pth.tar', 'model_best.pth.tar', RECOVERY_FILE)
 TEMP_PATTERN = '*.pth.tar.tmp*'  # what a process killed while writing leaves behind
 HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
 REQUIRED_RESUME_KEYS = ('epoch', 'state_dict', 'optimizer')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not a training checkpoint of this repo."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, lost permissions); the previous file is kept."""
 
 
 def _fsync_dir(directory: str) -> None:
@@ -198,10 +191,10 @@ def _summary(value) -> str:
     return f'{type(value).__name__} {text[:40]}{"..." if len(text) > 40 else ""}'
 
 
-def run_options(checkpoint: dict) -> dict:
+def run_options(checkpoint) -> dict:
     """The options a checkpoint's run was started with, as a dict (main.py stores a dict, timm scripts a
-    Namespace, very old files nothing)."""
-    args = checkpoint.get('args')
+    Namespace, very old files and bare weights nothing)."""
+    args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
     if isinstance(args, argparse.Namespace):
         return vars(args)
     return dict(args) if isinstance(args, Mapping) else {}

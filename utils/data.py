@@ -18,6 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.data_layout import class_folders
+from utils.errors import DatasetError
 from utils.images import RobustImageFolder, SkipCounter, collate_samples
 from utils.logger import LOGGER_NAME
 from utils.preemption import leave_stop_signals_to_parent, stop_signals_held
@@ -25,10 +26,6 @@ from utils.rng_state import torch_seed
 from utils.sampler import ResumableSampler
 
 VAL_DIR_NAMES = ('val', 'validation')
-
-
-class DatasetError(ValueError):
-    """The dataset folder is missing or malformed; the message says what to fix."""
 
 
 @dataclass

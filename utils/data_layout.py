@@ -20,12 +20,10 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from utils.errors import DatasetError
+
 LAYOUT_HELP = "expected DATA/train/<class>/<image> and DATA/val/<class>/<image> (val/ may be named validation/)"
 VAL_NAMES = ("val", "validation")
-
-
-class DatasetLayoutError(ValueError):
-    """The dataset folder cannot be used as it is; the message says why and what to change."""
 
 
 class DatasetLayout(NamedTuple):
@@ -49,7 +47,7 @@ def _is_folder(entry: os.DirEntry, split_dir) -> bool:
     try:
         return entry.is_dir()
     except OSError as e:  # ELOOP: a link to itself (class -> class) can never be opened
-        raise DatasetLayoutError(
+        raise DatasetError(
             f"cannot open {os.path.join(split_dir, entry.name)}: {e.strerror} (a symbolic link that loops back on "
             "itself?); make it a folder of images or a link to one, or remove it") from None
 
@@ -62,7 +60,7 @@ def class_folders(split_dir) -> Tuple[List[str], List[str]]:
         with os.scandir(split_dir) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as e:
-        raise DatasetLayoutError(f"cannot read {split_dir}: {e.strerror}") from None
+        raise DatasetError(f"cannot read {split_dir}: {e.strerror}") from None
     folders = [e for e in entries if _is_folder(e, split_dir)]
     return ([e.name for e in folders if not is_hidden(e.name)], [e.name for e in folders if is_hidden(e.name)])
 
@@ -152,7 +150,7 @@ def _check_readable(split_dir: Path, classes: List[str]) -> None:
             except BadImageError as e:
                 tried += 1
                 first_error = first_error or e
-    raise DatasetLayoutError(
+    raise DatasetError(
         f"no image in {split_dir} can be read: all {tried} image files fail (first: {first_error}); "
         "fix or replace them, or check the disk")
 
@@ -162,41 +160,41 @@ def _class_folders(split_dir: Path) -> List[str]:
         with os.scandir(split_dir) as it:
             entries = _visible(it)
     except OSError as e:
-        raise DatasetLayoutError(f"cannot read {split_dir}: {e.strerror}") from None
+        raise DatasetError(f"cannot read {split_dir}: {e.strerror}") from None
     files = [e.name for e in entries if not _is_folder(e, split_dir)]
     if files:
         shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-        raise DatasetLayoutError(
+        raise DatasetError(
             f"{split_dir} holds files directly ({shown}); put every image in a folder named after its class: "
             f"{split_dir}/<class>/<image> ({LAYOUT_HELP})")
     classes = [e.name for e in entries]
     if not classes:
-        raise DatasetLayoutError(f"{split_dir} has no class folders; {LAYOUT_HELP}")
+        raise DatasetError(f"{split_dir} has no class folders; {LAYOUT_HELP}")
     empty = [c for c in classes if not _has_image(str(split_dir / c))]
     if len(empty) == len(classes):
-        raise DatasetLayoutError(
+        raise DatasetError(
             f"no images in {split_dir}: none of its {len(classes)} class folders holds a file with an image "
             f"extension ({', '.join(IMG_EXTENSIONS)})")
     if empty:
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        raise DatasetLayoutError(
+        raise DatasetError(
             f"{len(empty)} class folder(s) in {split_dir} hold no images: {shown}; add images or remove the "
             "folder(s) (also from the other split, so both have the same classes)")
     return classes
 
 
 def check_dataset_layout(data_path: Optional[str], need_train: bool = True) -> DatasetLayout:
-    """Return the train/val folders and class names of `data_path`, or raise DatasetLayoutError.
+    """Return the train/val folders and class names of `data_path`, or raise DatasetError.
 
     need_train=False (evaluation only) checks just the validation split.
     """
     if not data_path:
-        raise DatasetLayoutError(f"no dataset given: pass --data_path DATA where {LAYOUT_HELP}")
+        raise DatasetError(f"no dataset given: pass --data_path DATA where {LAYOUT_HELP}")
     root = Path(data_path).expanduser()
     if not root.exists():
-        raise DatasetLayoutError(f"--data_path {data_path} does not exist; {LAYOUT_HELP}")
+        raise DatasetError(f"--data_path {data_path} does not exist; {LAYOUT_HELP}")
     if not root.is_dir():
-        raise DatasetLayoutError(f"--data_path {data_path} is a file, not a folder; {LAYOUT_HELP}")
+        raise DatasetError(f"--data_path {data_path} is a file, not a folder; {LAYOUT_HELP}")
     train_dir = root / "train"
     val_dir = next((root / name for name in VAL_NAMES if (root / name).is_dir()), None)
     missing = [name for name, present in (("train/", train_dir.is_dir() or not need_train), ("val/", val_dir is not None))
@@ -204,7 +202,7 @@ def check_dataset_layout(data_path: Optional[str], need_train: bool = True) -> D
     if missing:
         with os.scandir(root) as it:
             found = ", ".join(e.name for e in _visible(it)[:10]) or "nothing"
-        raise DatasetLayoutError(
+        raise DatasetError(
             f"{root} has no {' and no '.join(missing)} folder (it holds: {found}); {LAYOUT_HELP}")
     train_classes = _class_folders(train_dir) if need_train else None
     val_classes = _class_folders(val_dir)
@@ -217,7 +215,7 @@ def check_dataset_layout(data_path: Optional[str], need_train: bool = True) -> D
         details = "; ".join(
             f"only in {split}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             for split, names in (("train/", only_train), (val_dir.name + "/", only_val)) if names)
-        raise DatasetLayoutError(
+        raise DatasetError(
             f"train/ and {val_dir.name}/ of {root} have different classes ({details}); class indices come from the "
             "sorted folder names, so both splits need the same class folders")
     _check_readable(train_dir, train_classes)

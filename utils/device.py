@@ -20,11 +20,9 @@ from typing import Callable, FrozenSet, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from utils.errors import DeviceError
+
 DEVICE_CHOICES = ('auto', 'npu', 'cuda', 'cpu')
-
-
-class DeviceError(RuntimeError):
-    """The requested device cannot be used on this machine."""
 
 
 def _torch_grad_scaler(device_type: str, init_scale: Optional[float]):

@@ -19,7 +19,7 @@ from timm.utils import distribute_bn
 from utils.device import DistEnv, all_reduce_sum, synchronize
 from utils.images import UnreadableDatasetError
 from utils.logger import AverageMeter, SummaryFile
-from utils.nonfinite import NonFiniteGuard, NonFiniteLossError, check_finite_state  # noqa: F401  (the error: for main.py)
+from utils.nonfinite import NonFiniteGuard, check_finite_state
 from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequest, resume_step,
                               save_recovery_point, stop_requested)
 from utils.progress import progress

@@ -35,6 +35,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils.data_layout import class_folders, walk_folder
+from utils.errors import BadImageError, UnreadableDatasetError
 
 _logger = logging.getLogger(__name__)
 
@@ -47,23 +48,6 @@ MAX_CONSECUTIVE_BAD = 50
 MAX_ASPECT_RATIO = 100
 
 _WHITE = (255, 255, 255)
-
-
-class BadImageError(RuntimeError):
-    """A file that cannot be used as a training or validation image."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-    def __reduce__(self):  # travels from a DataLoader worker to the main process (see Sample.error)
-        return type(self), (self.path, self.reason)
-
-
-class UnreadableDatasetError(BadImageError):
-    """So many files cannot be read (MAX_CONSECUTIVE_BAD in a row, or a whole split) that the dataset
-    or the disk, not a file, is broken. `path` is the folder."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -22,13 +22,7 @@ from typing import Iterable, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced non-finite losses it cannot recover from; the message names the step."""
-
-
-class NonFiniteStateError(NonFiniteLossError):
-    """The model's weights or statistics hold NaN or inf; the state is not saved and the run stops."""
+from utils.errors import NonFiniteLossError, NonFiniteStateError
 
 
 def nonfinite_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:

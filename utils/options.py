@@ -16,6 +16,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from utils.errors import DeviceError, OptionError
+
 
 class Number:
     """argparse type: a finite int or float, optionally bounded (at_least/at_most inclusive, above/below
@@ -121,7 +123,7 @@ def augment_policy(text: str) -> str:
 
 def usable_device(text: str) -> torch.device:
     """A torch device that exists on this machine (cpu, cuda, cuda:1, npu:0 ...)."""
-    from utils.device import DeviceError, resolve_device_type
+    from utils.device import resolve_device_type
     kind = str(text).split(':')[0]
     if kind not in ('cpu', 'cuda', 'npu'):
         raise argparse.ArgumentTypeError(f'{text!r}: use cpu, cuda[:N] or npu[:N]')
@@ -144,10 +146,6 @@ def usable_device(text: str) -> torch.device:
 # Shared by main.py and tools/predict.py: VAN downsamples 32-fold; beyond 4096 pixels a side one image
 # alone needs tens of GB of activations.
 IMG_SIZE = Number(int, at_least=32, at_most=4096)
-
-
-class OptionError(ValueError):
-    """A value from a config file or a checkpoint does not follow its option's rule."""
 
 
 def _is_flag(action: argparse.Action) -> bool:

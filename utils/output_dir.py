@@ -32,17 +32,11 @@ except ImportError:  # Windows: no POSIX locks, runs are not protected from each
 
 import torch
 
+from utils.errors import OutputDirError, RunDirBusyError
+
 # last.pth.tar, model_best.pth.tar, checkpoint-<epoch>.pth.tar, a recovery checkpoint and the
 # temporary file of the one being written: a run needs room for a few checkpoints at once.
 CHECKPOINTS_ON_DISK = 3
-
-
-class OutputDirError(RuntimeError):
-    """The run directory cannot hold the run's files; the message says why and what to do."""
-
-
-class RunDirBusyError(OutputDirError):
-    """Another run holds the run directory."""
 
 
 LOCK_FILE = 'run.lock'

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from utils import amp as amp_module
-from utils.amp import AmpError, create_precision, resolve_amp_backend
+from utils.amp import create_precision, resolve_amp_backend
+from utils.errors import AmpError
 from utils.device import DistEnv
 from utils.engine import train_one_epoch
 

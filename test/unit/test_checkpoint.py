@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from utils.checkpoint import (CheckpointError, CheckpointSaver, atomic_save, find_resume_checkpoint, read_file,
+from utils.errors import CheckpointError, CheckpointWriteError
+from utils.checkpoint import (CheckpointSaver, atomic_save, find_resume_checkpoint, read_file,
                               read_training_checkpoint)
 
 
@@ -30,7 +31,7 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteError, match='disk full'):
         atomic_save({'epoch': 2}, str(path))
     assert read_file(str(path)) == {'epoch': 1}
 
@@ -93,7 +94,7 @@ def test_reading_missing_or_foreign_files_fails_clearly(tmp_path):
 
 
 def test_saver_refuses_a_state_with_nan_or_inf_and_keeps_the_previous_files(tmp_path):
-    from utils.nonfinite import NonFiniteLossError
+    from utils.errors import NonFiniteLossError
     saver = CheckpointSaver(str(tmp_path), max_history=5)
     saver.save(state(1.0), 0, 10.0)
     poisoned = dict(state(1.0), state_dict={'w': torch.ones(2), 'bn.running_var': torch.tensor([1.0, float('inf')])})

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from utils.data import (DataConfig, DatasetError, ShardWithoutPadding, build_datasets, build_loaders,
+from utils.errors import DatasetError
+from utils.data import (DataConfig, ShardWithoutPadding, build_datasets, build_loaders,
                         build_mixup, build_train_criterion, find_split_dirs)
 
 CLASS_NAMES = ('circle_red', 'square_green', 'triangle_blue', 'cross_yellow')

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from utils import device as device_module
-from utils.device import DeviceError, init_distributed_device, resolve_device_type
+from utils.device import init_distributed_device, resolve_device_type
+from utils.errors import DeviceError
 
 
 def test_cpu_and_cuda_never_import_torch_npu(monkeypatch):

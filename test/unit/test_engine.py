@@ -7,7 +7,8 @@ import torch
 from utils.amp import create_precision
 from utils.device import DistEnv
 from utils.nonfinite import NonFiniteGuard
-from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
+from utils.engine import evaluate, train_one_epoch
+from utils.errors import NonFiniteLossError
 
 CPU = torch.device('cpu')
 LOGGER = logging.getLogger('test-engine')
@@ -245,7 +246,6 @@ def _statistics_overflow_at(bad_step):
 
 def test_a_state_with_non_finite_statistics_is_never_saved_and_the_run_stops(tmp_path, caplog):
     from utils.checkpoint import read_training_checkpoint
-    from utils.nonfinite import NonFiniteLossError
     with caplog.at_level(logging.ERROR, logger='test-engine'):
         with pytest.raises(NonFiniteLossError, match=r'after epoch 1 holds NaN or inf in 2 tensors \(model: 2 tensors '
                                                      r'\(1\.running_mean, 1\.running_var\)\)'):
@@ -260,7 +260,6 @@ def test_a_state_with_non_finite_statistics_is_never_saved_and_the_run_stops(tmp
 
 def test_non_finite_ema_weights_and_recovery_points_are_never_saved(tmp_path):
     from timm.utils import ModelEmaV3
-    from utils.nonfinite import NonFiniteLossError
 
     def poison_ema(model, output, target, step):
         if step == 3:

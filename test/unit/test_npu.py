@@ -13,7 +13,8 @@ import torch
 import main
 from npu_fakes import ApexNpuFusedAdamW, HCCL_PEERS, NpuFusedAdamW, NpuGradScaler
 from utils import device as device_module
-from utils.amp import AmpError, amp_backend_for, create_precision
+from utils.amp import amp_backend_for, create_precision
+from utils.errors import AmpError
 from utils.checkpoint import CheckpointSaver, read_training_checkpoint, restore_training, training_state
 from utils.data import build_loaders
 from utils.device import DistEnv, check_memory_format, pin_memory_settings

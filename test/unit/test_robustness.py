@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils.data_layout import DatasetLayoutError, check_dataset_layout
-from utils.images import BadImageError, RobustImageFolder, SkipCounter, collate_samples, load_rgb
-from utils.nonfinite import NonFiniteGuard, NonFiniteLossError
-from utils.output_dir import OutputDirError, check_output_dir
+from utils.data_layout import check_dataset_layout
+from utils.errors import BadImageError, DatasetError, NonFiniteLossError, OutputDirError
+from utils.images import RobustImageFolder, SkipCounter, collate_samples, load_rgb
+from utils.nonfinite import NonFiniteGuard
+from utils.output_dir import check_output_dir
 from utils.preemption import RecoveryPoints, StopRequest, stop_requested
 from utils.rng_state import capture_rng_state, restore_rng_state
 from utils.sampler import ResumableSampler
@@ -177,7 +178,7 @@ def test_strict_data_stops_at_the_first_bad_file_naming_it(tmp_path, workers):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path, workers):
-    from utils.images import UnreadableDatasetError
+    from utils.errors import UnreadableDatasetError
     _write_bad_images(tmp_path / "a")
     for i in range(60):
         (tmp_path / "a" / f"zero{i}.jpg").write_bytes(b"")
@@ -233,7 +234,7 @@ def test_bad_layout_gives_one_clear_message(tmp_path, fault, message):
         os.rename(root / "val" / "b", root / "val" / "c")
     elif fault == "files_in_train":
         Image.new("RGB", (8, 8)).save(root / "train" / "stray.jpg")
-    with pytest.raises(DatasetLayoutError, match=message):
+    with pytest.raises(DatasetError, match=message):
         check_dataset_layout(None if root is None else str(root))
 
 
@@ -418,7 +419,7 @@ def without_root_privileges(command):
 def test_read_only_output_folder_is_a_clear_error(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    code = ("import sys; from utils.output_dir import check_output_dir, OutputDirError\n"
+    code = ("import sys; from utils.output_dir import check_output_dir; from utils.errors import OutputDirError\n"
             "try: check_output_dir(sys.argv[1])\n"
             "except OutputDirError as e: print(e); sys.exit(3)\n")
     result = subprocess.run(without_root_privileges([sys.executable, "-c", code, str(locked / "run")]), cwd=REPO,
@@ -611,7 +612,7 @@ def test_nan_loss_stops_the_epoch_naming_the_step(caplog):
     import logging
     from utils.amp import create_precision
     from utils.device import DistEnv
-    from utils.engine import NonFiniteGuard, NonFiniteLossError, train_one_epoch
+    from utils.engine import NonFiniteGuard, train_one_epoch
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -902,7 +903,8 @@ _HOLD_LOCK = ("import sys, time\n"
 
 def test_run_dir_lock_names_its_holder_and_is_taken_over_when_the_holder_dies(tmp_path):
     import socket
-    from utils.output_dir import RunDirBusyError, RunDirLock
+    from utils.errors import RunDirBusyError
+    from utils.output_dir import RunDirLock
     holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                               text=True)
     try:
