@@ -20,10 +20,9 @@ import yaml
 import models  # registers the VAN variants with timm
 from models.weights import load_pretrained
 import timm
-from timm.data import resolve_data_config
 from timm.utils import ModelEmaV3
 
-from utils.data_layout import check_dataset_layout
+
 from utils.errors import CheckpointError, DatasetError, ModelError, OptionError, OutputDirError, UserError
 from utils.output_dir import CHECKPOINTS_ON_DISK, RunDirLock, check_output_dir, estimate_checkpoint_bytes
 from utils.preemption import RECOVERY_FILE, Preempted
@@ -31,7 +30,8 @@ from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, amp_backend_for, cre
 from utils.checkpoint import (CheckpointSaver, ResumePoint, find_resume_checkpoint, read_training_checkpoint,
                               remove_partial_files, restore_training, run_options, training_state)
 from utils.curves import plot_run_curves
-from utils.data import (DataConfig, build_datasets, build_loaders, build_mixup, build_train_criterion,
+from utils.images import resolve_eval_config
+from utils.data import (build_datasets, build_loaders, build_mixup, build_train_criterion, check_dataset_layout,
                         find_class_map, find_split_dirs)
 from utils.device import (DEVICE_CHOICES, all_reduce_sum, check_memory_format, cleanup_distributed,
                           init_distributed_device, is_peer_failure, pin_memory_settings)
@@ -486,10 +486,8 @@ def run(args, resources: contextlib.ExitStack) -> None:
     model = create_model(args, num_classes, classes, logger)
     if run_dir and dist_env.is_main:
         check_output_dir(run_dir, CHECKPOINTS_ON_DISK * estimate_checkpoint_bytes(model, ema=args.model_ema))
-    config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean,
-                                      std=args.std, interpolation=args.interpolation), model=model)
-    data_config = DataConfig(config['input_size'], config['interpolation'], config['mean'], config['std'],
-                             config['crop_pct'])
+    data_config = resolve_eval_config(model, dict(img_size=args.img_size, crop_pct=args.crop_pct, mean=args.mean,
+                                                  std=args.std, interpolation=args.interpolation))
     train_aug = dict(scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
                      color_jitter=args.color_jitter, auto_augment=None if args.aa == 'none' else args.aa,
                      re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,

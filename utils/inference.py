@@ -3,8 +3,10 @@
 tools/export_onnx.py and tools/predict.py accept every file the models package reads (main.py's
 training checkpoints, the official `{'state_dict': ...}` release, timm/Ascend-port checkpoints,
 HuggingFace files). Besides the weights they need what the file says about the run: the variant
-(`arch`, or `args['model']`), the class names (`class_to_idx`) and the image size (`args`). This
-module collects those in one place so both tools agree on them.
+(`arch`, or `args['model']`), the class names (`class_to_idx`) and the eval preprocessing options
+(`args`). This module collects those in one place so both tools agree on them, and `eval_preprocessing`
+turns them into the evaluation's own transform (utils.images.eval_transform), so that prediction and
+the exported graph's input are what evaluation uses.
 
 Files are read only through `models.weights` (`safe_load`, `extract_state_dict`, and timm's
 `pretrained=True` path that calls `load_pretrained`), so an unsafe pickle is refused here as well.
@@ -12,7 +14,7 @@ Files are read only through `models.weights` (`safe_load`, `extract_state_dict`,
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple
 
 import timm
 import torch
@@ -21,8 +23,9 @@ import models
 from models.weights import UnsafeFileError, extract_state_dict, guess_variant, safe_load
 from utils.checkpoint import run_options
 from utils.errors import CheckpointError
+from utils.images import DataConfig, eval_transform, resolve_eval_config
 
-__all__ = ['LoadedModel', 'load_model', 'read_class_map', 'CheckpointError']
+__all__ = ['LoadedModel', 'load_model', 'eval_preprocessing', 'read_class_map']
 
 
 @dataclass
@@ -31,8 +34,15 @@ class LoadedModel:
     variant: str                    # the timm name it was built as
     num_classes: int
     class_names: Optional[List[str]]  # index -> name, when the checkpoint or a class-map file has them
-    img_size: Optional[Tuple[int, int]]  # (H, W) the run trained at, when the checkpoint says
     data_args: dict  # the run's eval-preprocessing options, for timm's resolve_data_config
+
+
+def eval_preprocessing(loaded: LoadedModel, img_size: Optional[int] = None) -> Tuple[Callable, DataConfig]:
+    """(transform, config): the evaluation preprocessing of the loaded run (its stored options, else the
+    model's defaults), at `img_size` when given; the transform takes `utils.images.load_rgb`'s images."""
+    overrides = dict(loaded.data_args, **({'input_size': (3, img_size, img_size)} if img_size else {}))
+    config = resolve_eval_config(loaded.model, overrides)
+    return eval_transform(config), config
 
 
 def _img_size(args: dict) -> Optional[Tuple[int, int]]:
@@ -166,4 +176,4 @@ def _load_model(source: str, model_name: Optional[str], class_map: Optional[str]
     else:
         class_names = None
     return LoadedModel(model=model, variant=variant, num_classes=num_classes,
-                       class_names=class_names, img_size=_img_size(args), data_args=_eval_data_args(args))
+                       class_names=class_names, data_args=_eval_data_args(args))

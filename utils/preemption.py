@@ -141,7 +141,7 @@ def recovery_record(epoch: int, steps_done: int, batch_size: int, world_size: in
     """Where a run stands inside epoch `epoch`, stored under 'recovery' in a recovery checkpoint.
 
     `samples_seen` counts the samples all ranks used in this epoch: the sampler order is a
-    permutation of which exactly that prefix has been used (see utils.sampler), so a resumed run
+    permutation of which exactly that prefix has been used (see utils.data.ResumableSampler), so a resumed run
     skips exactly those samples even with another batch size or number of processes.
     """
     return dict(epoch=epoch, steps_done=steps_done, samples_seen=steps_done * batch_size * world_size,

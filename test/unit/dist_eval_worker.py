@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from utils.data import DataConfig, build_datasets, build_loaders  # noqa: E402
+from utils.data import build_datasets, build_loaders  # noqa: E402
+from utils.images import DataConfig  # noqa: E402
 from utils.device import cleanup_distributed, init_distributed_device  # noqa: E402
 from utils.engine import evaluate  # noqa: E402
 

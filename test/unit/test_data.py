@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from utils.errors import DatasetError
-from utils.data import (DataConfig, ShardWithoutPadding, build_datasets, build_loaders,
+from utils.images import DataConfig
+from utils.data import (ShardWithoutPadding, build_datasets, build_loaders,
                         build_mixup, build_train_criterion, find_split_dirs)
 
 CLASS_NAMES = ('circle_red', 'square_green', 'triangle_blue', 'cross_yellow')
@@ -120,7 +121,7 @@ def test_hidden_folders_are_never_classes_and_are_reported(make_dataset, caplog)
     import logging
     from PIL import Image
     from utils.data import find_class_map
-    from utils.data_layout import check_dataset_layout
+    from utils.data import check_dataset_layout
     root = make_dataset()
     for hidden in (root / 'train' / '.ipynb_checkpoints', root / 'val' / '.cache' / 'x',
                    root / 'train' / 'circle_red' / '.thumbnails'):

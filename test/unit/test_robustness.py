@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils.data_layout import check_dataset_layout
+from utils.data import check_dataset_layout
 from utils.errors import BadImageError, DatasetError, NonFiniteLossError, OutputDirError
 from utils.images import RobustImageFolder, SkipCounter, collate_samples, load_rgb
 from utils.nonfinite import NonFiniteGuard
 from utils.output_dir import check_output_dir
 from utils.preemption import RecoveryPoints, StopRequest, stop_requested
 from utils.rng_state import capture_rng_state, restore_rng_state
-from utils.sampler import ResumableSampler
+from utils.data import ResumableSampler
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
