@@ -9,7 +9,6 @@ This file only wires the parts in utils/ together; see `build_parser` for every 
 """
 import argparse
 import contextlib
-import datetime
 import functools
 import os
 import sys
@@ -23,19 +22,19 @@ import timm
 from timm.utils import ModelEmaV3
 
 
-from utils.errors import CheckpointError, DatasetError, ModelError, OptionError, OutputDirError, UserError
-from utils.output_dir import CHECKPOINTS_ON_DISK, RunDirLock, check_output_dir, estimate_checkpoint_bytes
-from utils.preemption import RECOVERY_FILE, Preempted
+from utils.errors import CheckpointError, DatasetError, ModelError, OptionError, UserError
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, amp_backend_for, create_precision, parse_loss_scale
-from utils.checkpoint import (CheckpointSaver, ResumePoint, find_resume_checkpoint, read_training_checkpoint,
-                              remove_partial_files, restore_training, run_options, training_state)
+from utils.checkpoint import (BEST_FILE, CHECKPOINTS_ON_DISK, LAST_FILE, RECOVERY_FILE, RunCheckpoints, check_output_dir,
+                              estimate_checkpoint_bytes, find_checkpoint, prepare_run_dir, resolve_run_dir, run_options,
+                              save_run_args, training_state)
+from utils.resume import Preempted, ResumePoint, restore_training, set_seed
 from utils.curves import plot_run_curves
 from utils.images import resolve_eval_config
 from utils.data import (build_datasets, build_loaders, build_mixup, build_train_criterion, check_dataset_layout,
                         find_class_map, find_split_dirs)
-from utils.device import (DEVICE_CHOICES, all_reduce_sum, check_memory_format, cleanup_distributed,
+from utils.device import (DEVICE_CHOICES, check_memory_format, cleanup_distributed,
                           init_distributed_device, is_peer_failure, pin_memory_settings)
-from utils.engine import evaluate, fit, set_seed
+from utils.engine import evaluate, fit
 from utils.logger import setup_logger
 from utils.optim import LR_BASE_SCALES, check_optimizer, check_schedule, create_optimizer, create_scheduler, effective_lr
 from utils.options import (IMG_SIZE, Number, augment_policy, convert_values, interpolation_name,
@@ -329,22 +328,6 @@ def resolve_recipe(args, world_size: int) -> str:
             f'drop path {args.drop_path:g} ({drop_path_source})')
 
 
-def resolve_run_dir(args) -> str:
-    """--output/--experiment, or for --resume auto without --experiment the newest run under --output
-    that holds a checkpoint, else a new <time>-<model>-<size> dir."""
-    if args.experiment:
-        return os.path.join(args.output, args.experiment)
-    if args.resume == 'auto' and os.path.isdir(args.output):
-        runs = [os.path.join(args.output, d) for d in os.listdir(args.output)]
-        saved = {d: [os.path.getmtime(p) for p in (os.path.join(d, n) for n in ('last.pth.tar', RECOVERY_FILE))
-                     if os.path.isfile(p)] for d in runs}
-        saved = {d: max(times) for d, times in saved.items() if times}
-        if saved:
-            return max(saved, key=saved.get)
-    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-    return os.path.join(args.output, f'{stamp}-{args.model}-{args.img_size or 224}')
-
-
 def create_model(args, num_classes: int, class_to_idx=None, logger=None):
     """The model, with the --pretrained weights whose head rows are matched to the dataset's classes
     (`class_to_idx`) by name when the file names its classes; evaluation never runs a fresh head."""
@@ -385,16 +368,6 @@ def plain_args(args) -> dict:
     return {k: _plain(v) for k, v in vars(args).items()}
 
 
-def save_run_args(run_dir: str, args) -> None:
-    """<run dir>/args.yaml: the options the run uses."""
-    path = os.path.join(run_dir, 'args.yaml')
-    try:
-        with open(path, 'w') as f:
-            yaml.safe_dump(plain_args(args), f, sort_keys=True)
-    except OSError as error:
-        raise OutputDirError(f'cannot write {path}: {error.strerror}; free disk space or choose another --output') from None
-
-
 # A resumed run continues with the optimizer it was saved with: the optimizer state fits no other class,
 # and loading it restores these settings anyway. (The learning rate belongs to the schedule, SCHEDULE_OPTIONS.)
 OPTIMIZER_OPTIONS = ('opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay')
@@ -421,41 +394,6 @@ def adopt_optimizer_options(args, checkpoint: dict, path: str, logger) -> bool:
     return True
 
 
-def find_checkpoint(args, run_dir: str, logger):
-    """(path, checkpoint) named by --resume, or (None, None) when there is none to resume."""
-    if args.resume == 'auto':
-        search_dir = os.path.join(args.output, args.experiment) if args.eval else run_dir
-        found = find_resume_checkpoint(search_dir, logger)
-        if found is None and args.eval:
-            raise CheckpointError(f'no checkpoint to evaluate in {search_dir!r}')
-        if found is None:
-            logger.info(f'--resume auto: no checkpoint in {run_dir}, starting from scratch')
-        return found or (None, None)
-    if args.resume:
-        return args.resume, read_training_checkpoint(args.resume)
-    return None, None
-
-
-def prepare_run_dir(run_dir: str, dist_env, resources: contextlib.ExitStack):
-    """Rank 0 makes sure the run dir can be written and takes its lock (held on `resources`) before touching
-    anything in it; every rank learns whether that worked, so all stop together with a message. Returns the
-    lock (rank 0) or None."""
-    run_lock, failure = None, None
-    if dist_env.is_main:
-        try:
-            check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
-            run_lock = resources.enter_context(RunDirLock(run_dir))
-            remove_partial_files(run_dir)  # of a killed run; never of a live one, which holds the lock
-        except OutputDirError as error:
-            failure = error
-    failed = all_reduce_sum(torch.tensor([float(failure is not None)], device=dist_env.device), dist_env)
-    if failure is not None:
-        raise failure
-    if failed.item():
-        raise OutputDirError(f'process 0 cannot use the run dir {run_dir} (its message says why)')
-    return run_lock
-
-
 def run(args, resources: contextlib.ExitStack) -> None:
     """The whole run; what it must hold until it ends (the run dir lock) goes on `resources`."""
     dist_env = init_distributed_device(args.device, args.local_rank, args.dist_timeout)
@@ -465,7 +403,8 @@ def run(args, resources: contextlib.ExitStack) -> None:
     check_dataset_layout(args.data_path, need_train=not args.eval)
     train_dir, _ = find_split_dirs(args.data_path)
     classes = find_class_map(train_dir)
-    run_dir = None if args.eval else resolve_run_dir(args)
+    run_dir = None if args.eval else resolve_run_dir(args.output, args.experiment, args.resume == 'auto',
+                                                     f'{args.model}-{args.img_size or 224}')
     run_lock = prepare_run_dir(run_dir, dist_env, resources) if run_dir else None
     logger = setup_logger(dist_env.is_main, os.path.join(run_dir, 'log.txt') if run_dir else None)
     logger.info(f'device {device}, world size {dist_env.world_size}' + (f', run dir {run_dir}' if run_dir else ''))
@@ -475,7 +414,7 @@ def run(args, resources: contextlib.ExitStack) -> None:
     if not args.eval:
         logger.info(settings)
     if run_dir and dist_env.is_main:
-        save_run_args(run_dir, args)
+        save_run_args(run_dir, plain_args(args))
 
     num_classes = args.num_classes or len(classes)
     if num_classes < len(classes):
@@ -510,10 +449,11 @@ def run(args, resources: contextlib.ExitStack) -> None:
                 f'cudnn.benchmark {"on" if args.cudnn_benchmark else "off"}')
     if args.sync_bn and dist_env.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    checkpoint_path, checkpoint = find_checkpoint(args, run_dir, logger)
+    search_dir = os.path.join(args.output, args.experiment or '') if args.eval else run_dir
+    checkpoint_path, checkpoint = find_checkpoint(args.resume, search_dir, logger, for_eval=args.eval)
     if checkpoint is not None and not args.eval and adopt_optimizer_options(args, checkpoint, checkpoint_path, logger) \
             and dist_env.is_main:
-        save_run_args(run_dir, args)
+        save_run_args(run_dir, plain_args(args))
     optimizer = create_optimizer(model, device, args.opt, args.lr, args.weight_decay, args.momentum,
                                  args.opt_eps, args.opt_betas, amp_backend_for(args.amp, args.amp_backend, device))
     model, optimizer, precision = create_precision(model, optimizer, device, args.amp, args.amp_backend,
@@ -551,7 +491,7 @@ def run(args, resources: contextlib.ExitStack) -> None:
     mixup_fn = build_mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
                            args.mixup_mode, args.smoothing, num_classes)
     criterion = build_train_criterion(mixup_fn, args.smoothing)
-    saver = CheckpointSaver(run_dir, args.checkpoint_hist, resume.history, resume.best) if dist_env.is_main else None
+    saver = RunCheckpoints(run_dir, args.checkpoint_hist, resume.history, resume.best) if dist_env.is_main else None
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, args.model,
                               plain_args(args), class_to_idx, len(train_set))
     tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, 'tensorboard'), dist_env.is_main, logger)
@@ -569,7 +509,7 @@ def run(args, resources: contextlib.ExitStack) -> None:
         plot_run_curves(run_dir, logger)
     if best is not None:
         if model_ema is not None:
-            logger.info("best metric: the EMA weights' (state_dict_ema in model_best.pth.tar; tools/export_weights.py "
+            logger.info(f"best metric: the EMA weights' (state_dict_ema in {BEST_FILE}; tools/export_weights.py "
                         '--ema exports them, --eval/--pretrained load the regular state_dict)')
         logger.info(f'*** Best metric: {best[0]:.3f} (epoch {best[1]})')
 
@@ -586,7 +526,7 @@ def main(argv=None) -> int:
         print(stopped, file=sys.stderr, flush=True)
         return stopped.exit_status
     except KeyboardInterrupt:
-        print('interrupted; the last completed epoch is in last.pth.tar (--resume auto continues)', file=sys.stderr)
+        print(f'interrupted; the last completed epoch is in {LAST_FILE} (--resume auto continues)', file=sys.stderr)
         return 130
     except Exception as error:
         if not is_peer_failure(error):

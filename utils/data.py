@@ -42,8 +42,7 @@ from utils.errors import BadImageError, DatasetError
 from utils.images import (DataConfig, RobustImageFolder, SkipCounter, class_folders, collate_samples, eval_transform,
                           image_files, is_folder, load_rgb, visible_entries)
 from utils.logger import LOGGER_NAME
-from utils.preemption import leave_stop_signals_to_parent, stop_signals_held
-from utils.rng_state import torch_seed
+from utils.resume import leave_stop_signals_to_parent, stop_signals_held, torch_seed
 
 VAL_DIR_NAMES = ('val', 'validation')
 LAYOUT_HELP = "expected DATA/train/<class>/<image> and DATA/val/<class>/<image> (val/ may be named validation/)"
@@ -355,7 +354,7 @@ class ShardWithoutPadding(Sampler):
 
 class StopSignalSafeLoader(DataLoader):
     """DataLoader whose worker processes leave SIGTERM/SIGINT sent to the whole process group to the
-    main process, which saves a recovery point before it stops (utils.preemption)."""
+    main process, which saves a recovery point before it stops (utils.resume)."""
 
     def __init__(self, dataset: Dataset, **kwargs):
         super().__init__(dataset, worker_init_fn=leave_stop_signals_to_parent, **kwargs)

@@ -7,11 +7,9 @@ collectives run only at log points and at the end, the same number of times on e
 import contextlib
 import functools
 import os
-import random
 import time
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.utils import distribute_bn
@@ -20,25 +18,16 @@ from utils.device import DistEnv, all_reduce_sum, synchronize
 from utils.images import UnreadableDatasetError
 from utils.logger import AverageMeter, SummaryFile
 from utils.nonfinite import NonFiniteGuard, check_finite_state
-from utils.preemption import (RECOVERY_FILE, Preempted, RecoveryPoints, StopRequest, resume_step,
-                              save_recovery_point, stop_requested)
+from utils.checkpoint import LAST_FILE, recovery_path
+from utils.resume import (Preempted, RecoveryPoints, StopRequest, restore_rng_state, resume_step, save_recovery_point,
+                          set_seed, stop_requested)
 from utils.progress import progress
-from utils.rng_state import restore_rng_state, torch_seed
 
 # In a distributed run, how often (steps) the ranks agree on whether one of them received a stop
 # signal: each check makes all ranks wait for one another, so it is not done every step.
 STOP_CHECK_STEPS = 10
 
 FPS_WARMUP_STEPS = 5  # the first steps of an epoch (worker start, allocator warm-up) are not timed
-
-
-def set_seed(seed: int, epoch: int = 0, rank: int = 0) -> None:
-    """Seed python, numpy and torch from (seed, epoch, rank): each rank draws different drop-path and
-    mixup numbers, and an epoch draws the same ones whether the run was resumed or not."""
-    derived = (seed * 1_000_003 + epoch) * 1009 + rank
-    random.seed(derived)
-    np.random.seed(derived % 2**32)
-    torch.manual_seed(torch_seed(derived))
 
 
 def _to_device(images, targets, device, channels_last):
@@ -59,7 +48,7 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
     """One pass over the training loader; returns dict(loss, lr, fps, num_updates, skipped, stopped).
 
     start_step: steps of this epoch done before a resume (the loader yields only the rest).
-    on_step_end(steps done in the epoch) -> True stops the epoch early (preemption, utils.preemption).
+    on_step_end(steps done in the epoch) -> True stops the epoch early (preemption, utils.resume).
     """
     model.train()
     steps = len(loader) if not max_steps else max(0, min(len(loader), max_steps - start_step))
@@ -197,7 +186,7 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
     """Train epochs start_epoch .. total_epochs - 1, evaluating, logging and saving after each one.
 
     model is the bare model (its state is saved, its BN statistics distributed); train_model wraps it
-    for training (DDP, torch.compile), eval_model for evaluation. saver (utils.checkpoint.CheckpointSaver)
+    for training (DDP, torch.compile), eval_model for evaluation. saver (utils.checkpoint.RunCheckpoints)
     is None except on rank 0; training_state() gives the state it saves. recovery: the position inside
     start_epoch that a recovery checkpoint recorded. dist_bn: 'reduce' or 'broadcast' the BN statistics
     after each epoch ('' = leave them). SIGTERM/SIGINT stop the run after saving where it was (Preempted).
@@ -217,7 +206,6 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
     # The float16 GradScaler (and apex's loss scaling) skips steps whose gradients are not finite;
     # without one a non-finite loss has already spoilt the weights.
     nonfinite_guard = NonFiniteGuard(precision.checkpoint_key is not None, max_nonfinite_steps)
-    recovery_path = os.path.join(run_dir, RECOVERY_FILE)
     if model_ema is not None:
         logger.info("model EMA: the EMA weights' Acc@1 ranks the checkpoints (model_best, checkpoint-<epoch>) and "
                     'gives the best metric, as in the reference; checkpoints hold both (state_dict, state_dict_ema)')
@@ -258,7 +246,7 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
                 start_step=first_step, on_step_end=points, show_progress=show_progress)
             if train_stats['stopped']:
                 raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} in epoch {epoch} after '
-                                f'step {points.stopped_after}; {recovery_path} holds that point: run the same command '
+                                f'step {points.stopped_after}; {recovery_path(run_dir)} holds that point: run the same command '
                                 'with --resume auto (and the same --experiment) to continue',
                                 stop.signal_name or 'SIGTERM')
             nonfinite_guard.check()
@@ -286,6 +274,6 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
                 best = (metrics['top1'], epoch)  # every rank has the same metrics
             if stop_requested(stop, device):  # the signal came during evaluation or saving
                 raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} after epoch {epoch}, '
-                                'which is saved in last.pth.tar: run the same command with --resume auto to continue',
+                                f'which is saved in {LAST_FILE}: run the same command with --resume auto to continue',
                                 stop.signal_name or 'SIGTERM')
     return best

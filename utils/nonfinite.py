@@ -17,25 +17,13 @@ diverging run can hold NaN statistics (and, later, weights) while the scaler kee
 never written (nor chosen as the best), the run stops with NonFiniteStateError, and the
 checkpoints written before are kept.
 """
-from typing import Iterable, List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from utils.checkpoint import nonfinite_tensors
 from utils.errors import NonFiniteLossError, NonFiniteStateError
-
-
-def nonfinite_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
-    """Names of the floating-point tensors holding a NaN or inf, with one device-to-host copy per device."""
-    by_device = {}
-    for name, tensor in named_tensors:
-        if torch.is_tensor(tensor) and (tensor.is_floating_point() or tensor.is_complex()):
-            by_device.setdefault(tensor.device, []).append((name, torch.isfinite(tensor).all()))
-    bad = []
-    for pairs in by_device.values():
-        finite = torch.stack([flag for _, flag in pairs]).tolist()
-        bad += [name for (name, _), ok in zip(pairs, finite) if not ok]
-    return bad
 
 
 def _listed(names: List[str], limit: int = 5) -> str:

@@ -95,7 +95,7 @@ def test_mixup_gives_soft_targets_and_soft_target_loss():
 
 @pytest.mark.parametrize('seed', [20240101, 2**63 - 1])
 def test_any_seed_a_user_types_trains(shapes_dataset, seed):
-    from utils.engine import set_seed
+    from utils.resume import set_seed
     train_set, val_set, _ = build_datasets(str(shapes_dataset), CONFIG, dict(AUG), seed=seed)
     train_loader, _ = build_loaders(train_set, val_set, 4, 4, 0, 0, 1, seed, False)
     train_loader.sampler.set_epoch(299)
@@ -108,7 +108,7 @@ def test_any_seed_a_user_types_trains(shapes_dataset, seed):
 def test_the_default_seed_draws_the_numbers_it_always_drew(shapes_dataset):
     import random
     import numpy as np
-    from utils.engine import set_seed
+    from utils.resume import set_seed
     train_set, _, _ = build_datasets(str(shapes_dataset), CONFIG, dict(AUG), seed=42)
     image_seed = (42 * 1_000_003 + 2) * 10_000_019 + 7  # how every run so far seeded image 7 in epoch 2
     random.seed(image_seed), np.random.seed(image_seed % 2**32), torch.manual_seed(image_seed)

@@ -108,7 +108,8 @@ def _fit(run_dir, checkpoint=None, sigterm_at_step=None):
     import functools
     import os
     import signal
-    from utils.checkpoint import CheckpointSaver, ResumePoint, restore_training, training_state
+    from utils.checkpoint import RunCheckpoints, training_state
+    from utils.resume import ResumePoint, restore_training
     from utils.data import build_loaders
     from utils.engine import fit
     from utils.optim import create_scheduler
@@ -133,7 +134,7 @@ def _fit(run_dir, checkpoint=None, sigterm_at_step=None):
             os.kill(os.getpid(), signal.SIGTERM)  # a preemption arriving during this step
         return torch.nn.functional.cross_entropy(output, target)
 
-    saver = CheckpointSaver(str(run_dir), 1, resume.history, resume.best)
+    saver = RunCheckpoints(str(run_dir), 1, resume.history, resume.best)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, None, 'linear', {}, {})
     best = fit(model, model, model, train_loader, val_loader, criterion, optimizer, scheduler, precision, CPU,
                DistEnv(CPU), LOGGER, str(run_dir), saver, state, start_epoch=resume.epoch, total_epochs=epochs,
@@ -143,7 +144,7 @@ def _fit(run_dir, checkpoint=None, sigterm_at_step=None):
 
 def test_fit_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
     from utils.checkpoint import read_training_checkpoint
-    from utils.preemption import Preempted
+    from utils.resume import Preempted
     best, expected = _fit(tmp_path / 'full')
     assert best[1] in (0, 1) and (tmp_path / 'full' / 'last.pth.tar').exists()
 
@@ -164,7 +165,7 @@ def test_with_model_ema_the_ema_evaluation_picks_the_best_checkpoint(tmp_path, m
     import functools
     from timm.utils import ModelEmaV3
     from utils import engine
-    from utils.checkpoint import CheckpointSaver, read_training_checkpoint, training_state
+    from utils.checkpoint import RunCheckpoints, read_training_checkpoint, training_state
     from utils.data import build_loaders
     from utils.optim import create_scheduler
 
@@ -185,7 +186,7 @@ def test_with_model_ema_the_ema_evaluation_picks_the_best_checkpoint(tmp_path, m
         return dict(loss=1.0, top1=top1[evaluated_model][epoch], top5=100.0, images=24, skipped=0)
     monkeypatch.setattr(engine, 'evaluate', scripted_evaluate)
 
-    saver = CheckpointSaver(str(tmp_path), max_history=1)
+    saver = RunCheckpoints(str(tmp_path), max_history=1)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, 'linear', {}, {})
     with caplog.at_level(logging.INFO, logger='test-engine'):
         best = engine.fit(model, model, model, train_loader, val_loader, torch.nn.CrossEntropyLoss(), optimizer,
@@ -207,7 +208,7 @@ def _fit_bn(run_dir, criterion, model_ema=None, tensorboard=None, recovery_inter
     """`epochs` epochs of 6 steps of a small BatchNorm network, saving into run_dir; `criterion(output, target,
     step)` may tamper with the model (it is called inside the forward pass of step `step`, counted from 1)."""
     import functools
-    from utils.checkpoint import CheckpointSaver, training_state
+    from utils.checkpoint import RunCheckpoints, training_state
     from utils.data import build_loaders
     from utils.engine import fit
     from utils.optim import create_scheduler
@@ -225,7 +226,7 @@ def _fit_bn(run_dir, criterion, model_ema=None, tensorboard=None, recovery_inter
         steps.append(1)
         return criterion(model, output, target, len(steps))
 
-    saver = CheckpointSaver(str(run_dir), 5)
+    saver = RunCheckpoints(str(run_dir), 5)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, 'bn', {}, {})
     return fit(model, model, model, train_loader, val_loader, counted, optimizer, scheduler, precision, CPU,
                DistEnv(CPU), LOGGER, str(run_dir), saver, state, start_epoch=0, total_epochs=epochs,

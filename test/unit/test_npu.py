@@ -15,7 +15,8 @@ from npu_fakes import ApexNpuFusedAdamW, HCCL_PEERS, NpuFusedAdamW, NpuGradScale
 from utils import device as device_module
 from utils.amp import amp_backend_for, create_precision
 from utils.errors import AmpError
-from utils.checkpoint import CheckpointSaver, read_training_checkpoint, restore_training, training_state
+from utils.checkpoint import RunCheckpoints, read_training_checkpoint, training_state
+from utils.resume import restore_training
 from utils.data import build_loaders
 from utils.device import DistEnv, check_memory_format, pin_memory_settings
 from utils.engine import evaluate, fit, train_one_epoch
@@ -202,7 +203,7 @@ def test_fit_on_npu_saves_and_restores_torch_npus_scaler_state(npu, tmp_path):
     pin_memory, pin_memory_device = pin_memory_settings(CPU, False)
     train_loader, val_loader = build_loaders(Points(), Points(), 4, 8, 0, 0, HCCL_PEERS, 0, pin_memory,
                                              pin_memory_device)
-    saver = CheckpointSaver(str(tmp_path), 1)
+    saver = RunCheckpoints(str(tmp_path), 1)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, None, 'mlp', {}, {})
     fit(model, model, model, train_loader, val_loader, torch.nn.CrossEntropyLoss(), optimizer, scheduler,
         precision, CPU, TWO_RANKS, LOGGER, str(tmp_path), saver, state, start_epoch=0, total_epochs=epochs,

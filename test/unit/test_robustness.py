@@ -21,9 +21,8 @@ from utils.data import check_dataset_layout
 from utils.errors import BadImageError, DatasetError, NonFiniteLossError, OutputDirError
 from utils.images import RobustImageFolder, SkipCounter, collate_samples, load_rgb
 from utils.nonfinite import NonFiniteGuard
-from utils.output_dir import check_output_dir
-from utils.preemption import RecoveryPoints, StopRequest, stop_requested
-from utils.rng_state import capture_rng_state, restore_rng_state
+from utils.checkpoint import check_output_dir
+from utils.resume import RecoveryPoints, StopRequest, capture_rng_state, restore_rng_state, stop_requested
 from utils.data import ResumableSampler
 
 REPO = Path(__file__).resolve().parents[2]
@@ -419,7 +418,7 @@ def without_root_privileges(command):
 def test_read_only_output_folder_is_a_clear_error(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    code = ("import sys; from utils.output_dir import check_output_dir; from utils.errors import OutputDirError\n"
+    code = ("import sys; from utils.checkpoint import check_output_dir; from utils.errors import OutputDirError\n"
             "try: check_output_dir(sys.argv[1])\n"
             "except OutputDirError as e: print(e); sys.exit(3)\n")
     result = subprocess.run(without_root_privileges([sys.executable, "-c", code, str(locked / "run")]), cwd=REPO,
@@ -895,7 +894,7 @@ def test_full_disk_while_saving_is_reported_without_partial_files(shapes_dataset
 # ---------------------------------------------------------------- one run per run dir
 
 _HOLD_LOCK = ("import sys, time\n"
-              "from utils.output_dir import RunDirLock\n"
+              "from utils.checkpoint import RunDirLock\n"
               "lock = RunDirLock(sys.argv[1]).acquire()\n"
               "print('locked', flush=True)\n"
               "time.sleep(120)\n")
@@ -904,7 +903,7 @@ _HOLD_LOCK = ("import sys, time\n"
 def test_run_dir_lock_names_its_holder_and_is_taken_over_when_the_holder_dies(tmp_path):
     import socket
     from utils.errors import RunDirBusyError
-    from utils.output_dir import RunDirLock
+    from utils.checkpoint import RunDirLock
     holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                               text=True)
     try:
@@ -967,11 +966,11 @@ def test_float16_run_whose_statistics_overflow_saves_nothing_non_finite(shapes_d
 
 def test_run_dir_on_a_file_system_without_locks_runs_unprotected_and_says_so(tmp_path, monkeypatch):
     import errno
-    import utils.output_dir
-    from utils.output_dir import RunDirLock
+    import utils.checkpoint
+    from utils.checkpoint import RunDirLock
 
     def no_locks(*args):
         raise OSError(errno.ENOLCK, 'No locks available')
-    monkeypatch.setattr(utils.output_dir.fcntl, 'lockf', no_locks)
+    monkeypatch.setattr(utils.checkpoint.fcntl, 'lockf', no_locks)
     with RunDirLock(tmp_path) as lock:
         assert 'cannot lock the run dir' in lock.describe_takeover() and 'No locks available' in lock.describe_takeover()
