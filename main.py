@@ -28,19 +28,16 @@ from utils.checkpoint import (BEST_FILE, CHECKPOINTS_ON_DISK, LAST_FILE, RECOVER
                               estimate_checkpoint_bytes, find_checkpoint, prepare_run_dir, resolve_run_dir, run_options,
                               save_run_args, training_state)
 from utils.resume import Preempted, ResumePoint, restore_training, set_seed
-from utils.curves import plot_run_curves
 from utils.images import resolve_eval_config
 from utils.data import (build_datasets, build_loaders, build_mixup, build_train_criterion, check_dataset_layout,
                         find_class_map, find_split_dirs)
 from utils.device import (DEVICE_CHOICES, check_memory_format, cleanup_distributed,
                           init_distributed_device, is_peer_failure, pin_memory_settings)
 from utils.engine import evaluate, fit
-from utils.logger import setup_logger
 from utils.optim import LR_BASE_SCALES, check_optimizer, check_schedule, create_optimizer, create_scheduler, effective_lr
 from utils.options import (IMG_SIZE, Number, augment_policy, convert_values, interpolation_name,
                            optimizer_name, scheduler_name, train_interpolation_name)
-from utils.progress import progress_enabled
-from utils.tensorboard import create_writer
+from utils.reporting import LOG_FILE, TENSORBOARD_DIR, RunReport, create_writer, plot_run_curves, progress_enabled, setup_logger
 
 # Rules shared by several options (each option's own rule is its `type=`, see utils/options.py).
 PROBABILITY = Number(float, at_least=0, at_most=1)
@@ -406,7 +403,7 @@ def run(args, resources: contextlib.ExitStack) -> None:
     run_dir = None if args.eval else resolve_run_dir(args.output, args.experiment, args.resume == 'auto',
                                                      f'{args.model}-{args.img_size or 224}')
     run_lock = prepare_run_dir(run_dir, dist_env, resources) if run_dir else None
-    logger = setup_logger(dist_env.is_main, os.path.join(run_dir, 'log.txt') if run_dir else None)
+    logger = setup_logger(dist_env.is_main, os.path.join(run_dir, LOG_FILE) if run_dir else None)
     logger.info(f'device {device}, world size {dist_env.world_size}' + (f', run dir {run_dir}' if run_dir else ''))
     if run_lock and run_lock.describe_takeover():
         logger.info(run_lock.describe_takeover())
@@ -494,7 +491,8 @@ def run(args, resources: contextlib.ExitStack) -> None:
     saver = RunCheckpoints(run_dir, args.checkpoint_hist, resume.history, resume.best) if dist_env.is_main else None
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, args.model,
                               plain_args(args), class_to_idx, len(train_set))
-    tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, 'tensorboard'), dist_env.is_main, logger)
+    tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, TENSORBOARD_DIR), dist_env.is_main, logger)
+    report = RunReport.for_run(run_dir, dist_env.is_main, logger, tensorboard)
     best = fit(model, train_model, eval_model, train_loader, val_loader, criterion, optimizer, scheduler, precision,
                device, dist_env, logger, run_dir, saver, state, start_epoch=resume.epoch, total_epochs=total_epochs,
                steps_per_epoch=steps_per_epoch, seed=args.seed, best=resume.best, recovery=resume.recovery,
@@ -502,9 +500,9 @@ def run(args, resources: contextlib.ExitStack) -> None:
                mixup_fn=mixup_fn, mixup_off_epoch=args.mixup_off_epoch, model_ema=model_ema,
                clip_grad=args.clip_grad, clip_mode=args.clip_mode, log_interval=args.log_interval,
                max_steps=args.max_steps_per_epoch, channels_last=args.channels_last,
-               dist_bn=args.dist_bn if dist_env.distributed and not args.sync_bn else '', tensorboard=tensorboard,
+               dist_bn=args.dist_bn if dist_env.distributed and not args.sync_bn else '', report=report,
                show_progress=show_progress)
-    tensorboard.close()
+    report.close()
     if dist_env.is_main:
         plot_run_curves(run_dir, logger)
     if best is not None:

@@ -4,7 +4,7 @@
     python tools/plot_curves.py output/train/my-run/summary.csv --out curves.png
 
 main.py writes the same plot to <run dir>/curves.png when training ends; this command redraws it for
-any run, also one still training. The drawing lives in utils/curves.py (`plot_curves`).
+any run, also one still training. The drawing lives in utils/reporting.py (`plot_curves`).
 """
 import argparse
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from utils.curves import plot_curves  # noqa: E402
+from utils.reporting import plot_curves  # noqa: E402
 
 __all__ = ['plot_curves', 'main']
 

@@ -517,7 +517,7 @@ def nonfinite_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> List
 
 
 def _refuse_nonfinite(state: dict, what: str) -> None:
-    """The saver's own guard (training checks every rank first, utils.nonfinite.check_finite_state): a state
+    """The saver's own guard (training checks every rank first, utils.engine.check_finite_state): a state
     with NaN or inf weights or statistics is never written, so it can never replace a good file."""
     bad = nonfinite_tensors((state.get('state_dict') or {}).items())
     bad += [f'EMA {name}' for name in nonfinite_tensors((state.get('state_dict_ema') or {}).items())]

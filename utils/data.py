@@ -41,7 +41,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from utils.errors import BadImageError, DatasetError
 from utils.images import (DataConfig, RobustImageFolder, SkipCounter, class_folders, collate_samples, eval_transform,
                           image_files, is_folder, load_rgb, visible_entries)
-from utils.logger import LOGGER_NAME
+from utils.reporting import LOGGER_NAME
 from utils.resume import leave_stop_signals_to_parent, stop_signals_held, torch_seed
 
 VAL_DIR_NAMES = ('val', 'validation')

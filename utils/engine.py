@@ -1,33 +1,129 @@
-"""The training and evaluation loops, and `fit`, the loop over epochs that ties them to saving.
+"""The training and evaluation loops, `fit` (the loop over epochs that ties them to saving and
+reporting), and the guard that stops a run whose loss or weights are no longer finite.
 
 They take explicit arguments (no argparse namespace) so tests and tools can call them. Values are
 kept on the device and read back (.item(), which waits for the device) only at log points, and
 collectives run only at log points and at the end, the same number of times on every rank.
+
+Non-finite values (NaN, inf). Under the float16 GradScaler an occasional overflow is normal: the scaler skips that optimizer
+step and lowers the scale. Without a scaler (float32, bfloat16) a non-finite loss has already
+poisoned the gradients, so training on would only produce garbage. And a loss that stays
+non-finite step after step, even under the scaler, means the run has diverged.
+
+The guard records one flag per step on the device and looks at them only in `check`, because
+reading the loss every step would make the host wait for the accelerator at every step. Call
+`check` at the log interval and always before writing a checkpoint, so that weights touched by a
+non-finite step are never saved.
+
+A finite loss does not prove a finite model: under the float16 scaler the skipped steps still ran
+their forward pass, and in training mode that updates the BatchNorm running statistics, so a
+diverging run can hold NaN statistics (and, later, weights) while the scaler keeps skipping.
+`check_finite_state` looks at every parameter and buffer before a state is saved; such a state is
+never written (nor chosen as the best), the run stops with NonFiniteStateError, and the
+checkpoints written before are kept.
 """
 import contextlib
 import functools
-import os
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Mapping, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from timm.utils import distribute_bn
+from timm.utils import AverageMeter, distribute_bn
 
+from utils.checkpoint import LAST_FILE, nonfinite_tensors, recovery_path
 from utils.device import DistEnv, all_reduce_sum, synchronize
-from utils.images import UnreadableDatasetError
-from utils.logger import AverageMeter, SummaryFile
-from utils.nonfinite import NonFiniteGuard, check_finite_state
-from utils.checkpoint import LAST_FILE, recovery_path
+from utils.errors import NonFiniteLossError, NonFiniteStateError, UnreadableDatasetError
+from utils.reporting import RunReport, epoch_record, progress
 from utils.resume import (Preempted, RecoveryPoints, StopRequest, restore_rng_state, resume_step, save_recovery_point,
                           set_seed, stop_requested)
-from utils.progress import progress
 
 # In a distributed run, how often (steps) the ranks agree on whether one of them received a stop
 # signal: each check makes all ranks wait for one another, so it is not done every step.
 STOP_CHECK_STEPS = 10
 
 FPS_WARMUP_STEPS = 5  # the first steps of an epoch (worker start, allocator warm-up) are not timed
+
+
+def _listed(names: List[str], limit: int = 5) -> str:
+    return ', '.join(names[:limit]) + (f' and {len(names) - limit} more' if len(names) > limit else '')
+
+
+def check_finite_state(states: Mapping[str, Mapping[str, torch.Tensor]], when: str, scaler_skips_steps: bool = False,
+                       logger=None) -> None:
+    """Raise NonFiniteStateError when a tensor of the state dicts `states` ({'model': ..., 'EMA': ...}) is
+    not finite. In a distributed run every rank raises when one of them found one, so all stop together.
+    `when` names the moment for the message ('after epoch 3')."""
+    bad = {label: nonfinite_tensors(state.items()) for label, state in states.items()}
+    count = sum(len(names) for names in bad.values())
+    if dist.is_available() and dist.is_initialized():
+        device = next((t.device for state in states.values() for t in state.values() if torch.is_tensor(t)),
+                      torch.device('cpu'))
+        total = torch.tensor([count], device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        if count == 0 and int(total.item()):
+            raise NonFiniteStateError(f'another process found NaN or inf in its model state {when}; the run stops '
+                                      'without saving it (the checkpoints already written are kept)')
+    if not count:
+        return
+    what = '; '.join(f'{label}: {len(names)} tensors ({_listed(names)})' for label, names in bad.items() if names)
+    statistics_only = all(name.endswith(('running_mean', 'running_var')) for names in bad.values() for name in names)
+    if logger is not None:
+        logger.error(f'not saving the state {when}: {count} tensors hold NaN or inf ({what})')
+    cause = (' The float16 loss scaler skipped the steps whose gradients overflowed, but their forward passes '
+             'still updated the BatchNorm statistics.' if scaler_skips_steps and statistics_only else '')
+    raise NonFiniteStateError(
+        f'the model state {when} holds NaN or inf in {count} tensors ({what}).{cause} The run stops without saving '
+        'this state; the checkpoints already written are kept. Lower --lr, use warmup or --clip-grad'
+        + (', or --amp-dtype bfloat16' if scaler_skips_steps else '') + ', then --resume from a good checkpoint')
+
+
+class NonFiniteGuard:
+    """Stops the run on a non-finite loss, or after `max_consecutive` of them when a scaler skips steps."""
+
+    def __init__(self, scaler_skips_steps: bool, max_consecutive: int = 20):
+        if max_consecutive < 1:
+            raise ValueError(f"--max-nonfinite-steps must be at least 1, not {max_consecutive}")
+        self.scaler_skips_steps = scaler_skips_steps
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.first_of_run: Optional[str] = None  # step that started the current run of non-finite losses
+        self.skipped_steps = 0
+        self._pending: List[Tuple[str, torch.Tensor]] = []
+
+    def update(self, loss: torch.Tensor, step: str) -> None:
+        """Record whether this step's loss is finite; `step` names it for messages ('epoch 3 step 41')."""
+        self._pending.append((step, torch.isfinite(loss.detach()).all()))
+
+    def check(self) -> None:
+        """Look at the recorded steps (one host-device sync); raise NonFiniteLossError if the run must stop."""
+        if not self._pending:
+            return
+        steps = [step for step, _ in self._pending]
+        finite = torch.stack([flag for _, flag in self._pending]).to(torch.int32)
+        self._pending.clear()
+        if dist.is_available() and dist.is_initialized():
+            # A step counts as non-finite when it was on any rank: then every rank stops together.
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        for step, ok in zip(steps, finite.tolist()):
+            if ok:
+                self.consecutive = 0
+                self.first_of_run = None
+                continue
+            self.consecutive += 1
+            self.first_of_run = self.first_of_run or step
+            if not self.scaler_skips_steps:
+                raise NonFiniteLossError(
+                    f"loss is not finite at {step}; the weights are no longer usable, so the run stops here without "
+                    "saving them (the checkpoints already written are kept). Lower --lr, use warmup or gradient "
+                    "clipping, or check the data")
+            self.skipped_steps += 1
+            if self.consecutive >= self.max_consecutive:
+                raise NonFiniteLossError(
+                    f"loss has not been finite for {self.consecutive} steps in a row (since {self.first_of_run}, "
+                    f"last at {step}); the float16 scaler skipped them but the run has diverged, so it stops here "
+                    "(the checkpoints already written are kept). Lower --lr or raise --max-nonfinite-steps")
 
 
 def _to_device(images, targets, device, channels_last):
@@ -45,7 +141,8 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
                     log_interval: int = 50, max_steps: Optional[int] = None, channels_last: bool = False,
                     nonfinite_guard: Optional[NonFiniteGuard] = None, start_step: int = 0,
                     on_step_end: Optional[Callable[[int], bool]] = None, show_progress: bool = False):
-    """One pass over the training loader; returns dict(loss, lr, fps, num_updates, skipped, stopped).
+    """One pass over the training loader; returns dict(loss, lr, fps, num_updates, skipped, stopped,
+    logged_losses: the current loss of each log line).
 
     start_step: steps of this epoch done before a resume (the loader yields only the rest).
     on_step_end(steps done in the epoch) -> True stops the epoch early (preemption, utils.resume).
@@ -57,6 +154,7 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
     loss_sum = torch.zeros((), device=device)
     nonfinite_guard = nonfinite_guard or NonFiniteGuard(scaler_skips_steps=False)
     epoch_loss_sum = 0.0
+    logged_losses = []  # the current loss of each log line, for the results file
     stopped = False
 
     previous_end = timed_start = time.perf_counter()
@@ -107,6 +205,7 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
                 f'Time: {batch_time.val:.3f}s, {global_batch / max(batch_time.val, 1e-9):>6.2f}/s  '
                 f'LR: {lr:.3e}  Data: {data_time.val:.3f} ({data_time.avg:.3f})')
             epoch_loss_sum = loss_total
+            logged_losses.append(loss_now)
         if on_step_end is not None and on_step_end(start_step + step + 1):
             stopped = True
             break
@@ -120,7 +219,7 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable, optimiz
     if skipped:
         logger.info(f'Epoch {epoch} skipped {skipped} unreadable training images (each replaced by another sample)')
     return dict(loss=epoch_loss_sum / max(steps, 1), lr=optimizer.param_groups[0]['lr'], fps=fps,
-                num_updates=num_updates, skipped=skipped, stopped=stopped)
+                num_updates=num_updates, skipped=skipped, stopped=stopped, logged_losses=logged_losses)
 
 
 @torch.no_grad()
@@ -182,7 +281,8 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
         recovery: Optional[dict] = None, recovery_interval: int = 0, max_nonfinite_steps: int = 20,
         mixup_fn=None, mixup_off_epoch: int = 0, model_ema=None, clip_grad: Optional[float] = None,
         clip_mode: str = 'norm', log_interval: int = 50, max_steps: Optional[int] = None,
-        channels_last: bool = False, dist_bn: str = '', tensorboard=None, show_progress: bool = False):
+        channels_last: bool = False, dist_bn: str = '', report: Optional[RunReport] = None,
+        show_progress: bool = False):
     """Train epochs start_epoch .. total_epochs - 1, evaluating, logging and saving after each one.
 
     model is the bare model (its state is saved, its BN statistics distributed); train_model wraps it
@@ -209,12 +309,12 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
     if model_ema is not None:
         logger.info("model EMA: the EMA weights' Acc@1 ranks the checkpoints (model_best, checkpoint-<epoch>) and "
                     'gives the best metric, as in the reference; checkpoints hold both (state_dict, state_dict_ema)')
-    summary = SummaryFile(os.path.join(run_dir, 'summary.csv'), logger)
+    report = report or RunReport.for_run(run_dir, dist_env.is_main, logger)
     eval_kwargs = dict(device=device, dist_env=dist_env, logger=logger, autocast=precision.autocast,
                        log_interval=log_interval, channels_last=channels_last, show_progress=show_progress)
 
     def check_state(when: str) -> None:
-        """Never save (or pick as best) a state holding NaN or inf, whatever the loss said (utils.nonfinite)."""
+        """Never save (or pick as best) a state holding NaN or inf, whatever the loss said (check_finite_state)."""
         states = {'model': model.state_dict(), **({'EMA': model_ema.module.state_dict()} if model_ema else {})}
         check_finite_state(states, when, precision.checkpoint_key is not None, logger if dist_env.is_main else None)
 
@@ -244,6 +344,7 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
                 clip_grad=clip_grad, clip_mode=clip_mode, model_ema=model_ema, log_interval=log_interval,
                 max_steps=max_steps, channels_last=channels_last, nonfinite_guard=nonfinite_guard,
                 start_step=first_step, on_step_end=points, show_progress=show_progress)
+            report.losses(train_stats['logged_losses'])
             if train_stats['stopped']:
                 raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} in epoch {epoch} after '
                                 f'step {points.stopped_after}; {recovery_path(run_dir)} holds that point: run the same command '
@@ -260,18 +361,12 @@ def fit(model: torch.nn.Module, train_model: torch.nn.Module, eval_model: torch.
                 metrics = evaluate(model_ema.module, val_loader, log_prefix='EMA ', **eval_kwargs)
             scheduler.step(epoch + 1, metrics['top1'])
             if dist_env.is_main:
-                # The checkpoint first: a full disk must not cost the epoch (the summary and TensorBoard
-                # report their own write failures and the run goes on).
                 best = saver.save(training_state(), epoch, metrics['top1'])
-                summary_row = dict(
-                    epoch=epoch, train_loss=f"{train_stats['loss']:.6f}", lr=f"{train_stats['lr']:.6e}",
-                    eval_loss=f"{metrics['loss']:.6f}", eval_top1=f"{metrics['top1']:.4f}",
-                    eval_top5=f"{metrics['top5']:.4f}")
-                summary.write(summary_row)
-                if tensorboard is not None:
-                    tensorboard.write_epoch(summary_row)
             elif best is None or metrics['top1'] > best[0]:
                 best = (metrics['top1'], epoch)  # every rank has the same metrics
+            # After the checkpoint: a full disk must not cost the epoch (the reports name their own write
+            # failures and the run goes on).
+            report.epoch(epoch_record(epoch, train_stats, metrics), best)
             if stop_requested(stop, device):  # the signal came during evaluation or saving
                 raise Preempted(f'stopped by {stop.signal_name or "a signal on another rank"} after epoch {epoch}, '
                                 f'which is saved in {LAST_FILE}: run the same command with --resume auto to continue',

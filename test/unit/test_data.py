@@ -130,7 +130,7 @@ def test_hidden_folders_are_never_classes_and_are_reported(make_dataset, caplog)
     Image.new('RGB', (8, 8)).save(root / 'train' / 'circle_red' / '.hidden.png')
     assert check_dataset_layout(str(root)).classes == sorted(CLASS_NAMES)
     assert list(find_class_map(str(root / 'train'))) == sorted(CLASS_NAMES)
-    logger = logging.getLogger('van')  # main.py's logger (utils.logger.setup_logger may stop its propagation)
+    logger = logging.getLogger('van')  # main.py's logger (utils.reporting.setup_logger may stop its propagation)
     logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger='van'):

@@ -6,7 +6,7 @@ import torch
 
 from utils.amp import create_precision
 from utils.device import DistEnv
-from utils.nonfinite import NonFiniteGuard
+from utils.engine import NonFiniteGuard
 from utils.engine import evaluate, train_one_epoch
 from utils.errors import NonFiniteLossError
 
@@ -212,6 +212,7 @@ def _fit_bn(run_dir, criterion, model_ema=None, tensorboard=None, recovery_inter
     from utils.data import build_loaders
     from utils.engine import fit
     from utils.optim import create_scheduler
+    from utils.reporting import RunReport
 
     run_dir.mkdir(exist_ok=True)
     torch.manual_seed(0)
@@ -230,7 +231,8 @@ def _fit_bn(run_dir, criterion, model_ema=None, tensorboard=None, recovery_inter
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, 'bn', {}, {})
     return fit(model, model, model, train_loader, val_loader, counted, optimizer, scheduler, precision, CPU,
                DistEnv(CPU), LOGGER, str(run_dir), saver, state, start_epoch=0, total_epochs=epochs,
-               steps_per_epoch=len(train_loader), seed=0, model_ema=model_ema, tensorboard=tensorboard,
+               steps_per_epoch=len(train_loader), seed=0, model_ema=model_ema,
+               report=RunReport.for_run(str(run_dir), True, LOGGER, tensorboard),
                recovery_interval=recovery_interval)
 
 
@@ -280,7 +282,7 @@ def test_a_full_disk_for_the_summary_keeps_the_checkpoint_and_the_run_goes_on(tm
     import builtins
     import errno
     import csv
-    import utils.logger
+    import utils.reporting
     from utils.checkpoint import read_training_checkpoint
     failures = []
 
@@ -289,7 +291,7 @@ def test_a_full_disk_for_the_summary_keeps_the_checkpoint_and_the_run_goes_on(tm
             failures.append(path)
             raise OSError(errno.ENOSPC, 'No space left on device')
         return builtins.open(path, *args, **kwargs)
-    monkeypatch.setattr(utils.logger, 'open', full_disk_for_the_summary_once, raising=False)
+    monkeypatch.setattr(utils.reporting, 'open', full_disk_for_the_summary_once, raising=False)
 
     class FullDiskTensorBoard:
         def add_scalar(self, *args):
@@ -301,7 +303,7 @@ def test_a_full_disk_for_the_summary_keeps_the_checkpoint_and_the_run_goes_on(tm
         def close(self):
             raise OSError(errno.ENOSPC, 'No space left on device')
 
-    from utils.tensorboard import TensorBoardWriter
+    from utils.reporting import TensorBoardWriter
     with caplog.at_level(logging.INFO, logger='test-engine'):
         _fit_bn(tmp_path, _statistics_overflow_at(None),
                 tensorboard=TensorBoardWriter(FullDiskTensorBoard(), LOGGER))

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from utils.data import check_dataset_layout
 from utils.errors import BadImageError, DatasetError, NonFiniteLossError, OutputDirError
 from utils.images import RobustImageFolder, SkipCounter, collate_samples, load_rgb
-from utils.nonfinite import NonFiniteGuard
+from utils.engine import NonFiniteGuard
 from utils.checkpoint import check_output_dir
 from utils.resume import RecoveryPoints, StopRequest, capture_rng_state, restore_rng_state, stop_requested
 from utils.data import ResumableSampler

@@ -22,10 +22,10 @@ import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the VAN variants with timm)
 from models.weights import safe_load  # noqa: E402
-from utils import progress as progress_module  # noqa: E402
-from utils.curves import plot_curves  # noqa: E402
+from utils import reporting  # noqa: E402
+from utils.reporting import plot_curves  # noqa: E402
 from utils.inference import eval_preprocessing, load_model  # noqa: E402
-from utils.tensorboard import NullWriter, TensorBoardWriter, create_writer  # noqa: E402
+from utils.reporting import NullWriter, TensorBoardWriter, create_writer  # noqa: E402
 
 CLASSES = {'cat': 0, 'dog': 1, 'fish': 2, 'owl': 3}
 IMG = 64  # small inputs keep the export and onnxruntime runs short
@@ -473,11 +473,11 @@ class _FakeTerminal(io.StringIO):
 
 
 def test_progress_only_on_an_interactive_rank_0():
-    assert not progress_module.progress_enabled(True, io.StringIO())
-    assert not progress_module.progress_enabled(False, _FakeTerminal())
-    assert progress_module.progress_enabled(True, _FakeTerminal())
+    assert not reporting.progress_enabled(True, io.StringIO())
+    assert not reporting.progress_enabled(False, _FakeTerminal())
+    assert reporting.progress_enabled(True, _FakeTerminal())
     items = [1, 2, 3]
-    assert progress_module.progress(items, 3, 'x', enabled=False) is items
+    assert reporting.progress(items, 3, 'x', enabled=False) is items
 
 
 def test_progress_bar_keeps_log_lines_and_file_unchanged(monkeypatch, tmp_path):
@@ -494,7 +494,7 @@ def test_progress_bar_keeps_log_lines_and_file_unchanged(monkeypatch, tmp_path):
     logger.setLevel(logging.INFO)
     try:
         seen = []
-        for step, item in enumerate(progress_module.progress(iter(range(10)), total=4, desc='Train 0',
+        for step, item in enumerate(reporting.progress(iter(range(10)), total=4, desc='Train 0',
                                                              enabled=True, logger=logger)):
             if step >= 4:  # the training loop stops like this at --max-steps-per-epoch
                 break
