@@ -33,7 +33,7 @@ from utils.data import (build_datasets, build_loaders, build_mixup, build_train_
                         find_class_map, find_split_dirs)
 from utils.device import (DEVICE_CHOICES, check_memory_format, cleanup_distributed,
                           init_distributed_device, is_peer_failure, pin_memory_settings)
-from utils.engine import evaluate, fit
+from utils.engine import TrainSettings, TrainingParts, evaluate, fit
 from utils.optim import LR_BASE_SCALES, check_optimizer, check_schedule, create_optimizer, create_scheduler, effective_lr
 from utils.options import (IMG_SIZE, Number, augment_policy, convert_values, interpolation_name,
                            optimizer_name, scheduler_name, train_interpolation_name)
@@ -493,15 +493,15 @@ def run(args, resources: contextlib.ExitStack) -> None:
                               plain_args(args), class_to_idx, len(train_set))
     tensorboard = create_writer(args.tensorboard, os.path.join(run_dir, TENSORBOARD_DIR), dist_env.is_main, logger)
     report = RunReport.for_run(run_dir, dist_env.is_main, logger, tensorboard)
-    best = fit(model, train_model, eval_model, train_loader, val_loader, criterion, optimizer, scheduler, precision,
-               device, dist_env, logger, run_dir, saver, state, start_epoch=resume.epoch, total_epochs=total_epochs,
-               steps_per_epoch=steps_per_epoch, seed=args.seed, best=resume.best, recovery=resume.recovery,
-               recovery_interval=args.recovery_interval, max_nonfinite_steps=args.max_nonfinite_steps,
-               mixup_fn=mixup_fn, mixup_off_epoch=args.mixup_off_epoch, model_ema=model_ema,
-               clip_grad=args.clip_grad, clip_mode=args.clip_mode, log_interval=args.log_interval,
-               max_steps=args.max_steps_per_epoch, channels_last=args.channels_last,
-               dist_bn=args.dist_bn if dist_env.distributed and not args.sync_bn else '', report=report,
-               show_progress=show_progress)
+    parts = TrainingParts(model, train_loader, criterion, optimizer, precision, scheduler, val_loader, train_model,
+                          eval_model, model_ema, mixup_fn, saver, state, report)
+    settings = TrainSettings(
+        epochs=total_epochs, seed=args.seed, log_interval=args.log_interval, max_steps=args.max_steps_per_epoch,
+        clip_grad=args.clip_grad, clip_mode=args.clip_mode, channels_last=args.channels_last,
+        show_progress=show_progress, recovery_interval=args.recovery_interval,
+        max_nonfinite_steps=args.max_nonfinite_steps, mixup_off_epoch=args.mixup_off_epoch,
+        dist_bn=args.dist_bn if dist_env.distributed and not args.sync_bn else '')
+    best = fit(parts, settings, dist_env, logger, run_dir, resume)
     report.close()
     if dist_env.is_main:
         plot_run_curves(run_dir, logger)

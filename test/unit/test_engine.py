@@ -7,7 +7,7 @@ import torch
 from utils.amp import create_precision
 from utils.device import DistEnv
 from utils.engine import NonFiniteGuard
-from utils.engine import evaluate, train_one_epoch
+from utils.engine import TrainSettings, TrainingParts, evaluate, train_one_epoch
 from utils.errors import NonFiniteLossError
 
 CPU = torch.device('cpu')
@@ -32,8 +32,8 @@ def test_a_loss_that_stays_nan_stops_the_run_with_a_clear_message():
     def nan_loss(output, target):
         return torch.nn.functional.cross_entropy(output, target) * float('nan')
     with pytest.raises(NonFiniteLossError, match='loss is not finite at epoch 0 step 1'):
-        train_one_epoch(model, batches(6), nan_loss, optimizer, precision, CPU, 0, DistEnv(CPU), LOGGER,
-                        log_interval=2)
+        train_one_epoch(TrainingParts(model, batches(6), nan_loss, optimizer, precision), TrainSettings(log_interval=2),
+                        0, DistEnv(CPU), LOGGER)
 
 
 def test_a_single_non_finite_step_does_not_stop_a_run_whose_scaler_skips_it():
@@ -48,8 +48,9 @@ def test_a_single_non_finite_step_does_not_stop_a_run_whose_scaler_skips_it():
         # Non-finite value in the first step only; adding a constant keeps the gradients finite.
         return loss + float('inf') if len(calls) == 1 else loss
     # Without a float16 scaler the run would stop here (issue 6); the scaler skips such steps.
-    stats = train_one_epoch(model, batches(4), sometimes_inf, optimizer, precision, CPU, 0, DistEnv(CPU), LOGGER,
-                            log_interval=2, max_steps=3, nonfinite_guard=NonFiniteGuard(scaler_skips_steps=True))
+    stats = train_one_epoch(TrainingParts(model, batches(4), sometimes_inf, optimizer, precision),
+                            TrainSettings(log_interval=2, max_steps=3), 0, DistEnv(CPU), LOGGER,
+                            nonfinite_guard=NonFiniteGuard(scaler_skips_steps=True))
     assert stats['num_updates'] == 3
 
 
@@ -58,9 +59,12 @@ def test_max_steps_caps_the_epoch_and_fps_is_reported(caplog):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _, _, precision = create_precision(model, optimizer, CPU, enabled=False)
     with caplog.at_level(logging.INFO, logger='test-engine'):
-        stats = train_one_epoch(model, batches(10), torch.nn.CrossEntropyLoss(), optimizer, precision, CPU, 4,
-                                DistEnv(CPU), LOGGER, log_interval=3, max_steps=7, num_updates=70)
+        stats = train_one_epoch(TrainingParts(model, batches(10), torch.nn.CrossEntropyLoss(), optimizer, precision),
+                                TrainSettings(log_interval=3, max_steps=7), 4, DistEnv(CPU), LOGGER, num_updates=70)
     assert stats['num_updates'] == 77 and stats['fps'] > 0
+    # The results file's losses are those of the log lines, in order.
+    logged = [float(line.split('Loss: ')[1].split()[0]) for line in caplog.messages if line.startswith('Train')]
+    assert [round(loss, 4) for loss in stats['logged_losses']] == logged
     assert [line.split(']')[0] for line in caplog.messages if line.startswith('Train')] == \
         ['Train: 4 [   3/   7 ( 43%)', 'Train: 4 [   6/   7 ( 86%)', 'Train: 4 [   7/   7 (100%)']
     assert f"Epoch 4 FPS:{stats['fps']:.2f}" in caplog.text
@@ -136,9 +140,9 @@ def _fit(run_dir, checkpoint=None, sigterm_at_step=None):
 
     saver = RunCheckpoints(str(run_dir), 1, resume.history, resume.best)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, None, 'linear', {}, {})
-    best = fit(model, model, model, train_loader, val_loader, criterion, optimizer, scheduler, precision, CPU,
-               DistEnv(CPU), LOGGER, str(run_dir), saver, state, start_epoch=resume.epoch, total_epochs=epochs,
-               steps_per_epoch=len(train_loader), seed=0, best=resume.best, recovery=resume.recovery)
+    parts = TrainingParts(model, train_loader, criterion, optimizer, precision, scheduler, val_loader, saver=saver,
+                          training_state=state)
+    best = fit(parts, TrainSettings(epochs=epochs), DistEnv(CPU), LOGGER, str(run_dir), resume)
     return best, model.state_dict()
 
 
@@ -189,9 +193,9 @@ def test_with_model_ema_the_ema_evaluation_picks_the_best_checkpoint(tmp_path, m
     saver = RunCheckpoints(str(tmp_path), max_history=1)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, 'linear', {}, {})
     with caplog.at_level(logging.INFO, logger='test-engine'):
-        best = engine.fit(model, model, model, train_loader, val_loader, torch.nn.CrossEntropyLoss(), optimizer,
-                          scheduler, precision, CPU, DistEnv(CPU), LOGGER, str(tmp_path), saver, state, start_epoch=0,
-                          total_epochs=epochs, steps_per_epoch=len(train_loader), seed=0, model_ema=model_ema)
+        parts = engine.TrainingParts(model, train_loader, torch.nn.CrossEntropyLoss(), optimizer, precision, scheduler,
+                                     val_loader, model_ema=model_ema, saver=saver, training_state=state)
+        best = engine.fit(parts, engine.TrainSettings(epochs=epochs), DistEnv(CPU), LOGGER, str(tmp_path))
     assert evaluated == [model, model_ema.module] * 2
     assert best == (60.0, 1)
     best_file = read_training_checkpoint(str(tmp_path / 'model_best.pth.tar'))
@@ -229,11 +233,10 @@ def _fit_bn(run_dir, criterion, model_ema=None, tensorboard=None, recovery_inter
 
     saver = RunCheckpoints(str(run_dir), 5)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, 'bn', {}, {})
-    return fit(model, model, model, train_loader, val_loader, counted, optimizer, scheduler, precision, CPU,
-               DistEnv(CPU), LOGGER, str(run_dir), saver, state, start_epoch=0, total_epochs=epochs,
-               steps_per_epoch=len(train_loader), seed=0, model_ema=model_ema,
-               report=RunReport.for_run(str(run_dir), True, LOGGER, tensorboard),
-               recovery_interval=recovery_interval)
+    parts = TrainingParts(model, train_loader, counted, optimizer, precision, scheduler, val_loader, model_ema=model_ema,
+                          saver=saver, training_state=state, report=RunReport.for_run(str(run_dir), True, LOGGER, tensorboard))
+    return fit(parts, TrainSettings(epochs=epochs, recovery_interval=recovery_interval), DistEnv(CPU), LOGGER,
+               str(run_dir))
 
 
 def _statistics_overflow_at(bad_step):

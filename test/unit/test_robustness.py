@@ -611,7 +611,7 @@ def test_nan_loss_stops_the_epoch_naming_the_step(caplog):
     import logging
     from utils.amp import create_precision
     from utils.device import DistEnv
-    from utils.engine import NonFiniteGuard, train_one_epoch
+    from utils.engine import NonFiniteGuard, TrainSettings, TrainingParts, train_one_epoch
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -626,8 +626,8 @@ def test_nan_loss_stops_the_epoch_naming_the_step(caplog):
     data = torch.utils.data.TensorDataset(torch.randn(24, 3, 2, 2), torch.randint(0, 3, (24,)))
     loader = DataLoader(data, batch_size=4)
     with pytest.raises(NonFiniteLossError, match='not finite at epoch 0 step 3'):
-        train_one_epoch(model, loader, nan_at_step_3, optimizer, precision, CPU, 0, DistEnv(CPU),
-                        logging.getLogger('test'), log_interval=5,
+        train_one_epoch(TrainingParts(model, loader, nan_at_step_3, optimizer, precision), TrainSettings(log_interval=5),
+                        0, DistEnv(CPU), logging.getLogger('test'),
                         nonfinite_guard=NonFiniteGuard(scaler_skips_steps=False))
 
 
