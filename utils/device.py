@@ -1,6 +1,6 @@
 """Device and distributed setup, resolved once at start, and the table of what differs per device.
 
-Everything after `init_distributed_device` only sees a `torch.device` and a `DistEnv`; the NPU
+Everything after `setup_device` only sees a `torch.device` and a `DistEnv`; the NPU
 gate (importing torch_npu) lives here and nowhere else, and so does the host memory allocator
 setting of CPU training (`keep_freed_host_memory`). Every choice that depends on the kind of device
 (backend, AMP dtype, loss scaler, fused optimizer, pinning, memory formats, reducible dtypes) is one
@@ -269,8 +269,9 @@ def _restart_store(world_size: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", shared)
 
 
-def init_distributed_device(device: str = 'auto', local_rank: int = -1, timeout_s: float = 600) -> DistEnv:
-    """Pick the device and, when launched with several processes, join the process group.
+def setup_device(device: str = 'auto', local_rank: int = -1, timeout_s: float = 600) -> DistEnv:
+    """Pick the device and, when launched with several processes, join the process group. (Not timm's
+    init_distributed_device, which takes the argparse namespace and returns a device.)
 
     The backend follows the device (hccl, nccl, gloo). Multi-node runs need nothing extra: torchrun's
     --nnodes/--node_rank/--master_addr arrive as RANK/WORLD_SIZE/MASTER_ADDR in the environment.

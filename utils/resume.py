@@ -347,16 +347,38 @@ def _load_state(what: str, target, state, path: str, hint: str = '') -> None:
                               f'({"; ".join(problems[:4])}){hint}')
 
 
-def restore_training(checkpoint: dict, path: str, model, optimizer, scheduler, precision, model_ema,
-                     class_to_idx: dict, run_dir: Optional[str], logger, keep_schedule: bool = True,
-                     weights_only: bool = False, train_samples: Optional[int] = None) -> ResumePoint:
-    """Load a training checkpoint (checked by read_training_checkpoint) into the run; a checkpoint of
+def restore_training(checkpoint: dict, path: str, parts, class_to_idx: Optional[dict], logger, *,
+                     run_dir: Optional[str] = None, keep_schedule: bool = True, weights_only: bool = False,
+                     train_samples: Optional[int] = None) -> ResumePoint:
+    """Load a training checkpoint (checked by read_training_checkpoint) into the run's `parts` (a
+    utils.engine.TrainingParts: model, model_ema, optimizer, precision, scheduler); a checkpoint of
     another model or dataset is refused.
 
     weights_only: evaluation, which needs neither the optimizer nor the schedule. keep_schedule=False
     (the schedule options changed) leaves the new scheduler as built. train_samples: the size of the
     training set now; a recovery point inside an epoch is only found again in the same training set.
     """
+    _restore_weights(checkpoint, path, parts.model, parts.model_ema, class_to_idx, logger, weights_only)
+    recovery = None if weights_only else checkpoint.get('recovery')
+    if recovery is not None and train_samples is not None:
+        _check_same_training_set(checkpoint, path, recovery, train_samples)
+    if not weights_only:
+        _restore_optimization(checkpoint, path, parts, logger, keep_schedule)
+    same_dir = run_dir and os.path.abspath(os.path.dirname(path)) == os.path.abspath(run_dir)
+    logger.info(f'resumed from {path} (epoch {checkpoint["epoch"]} done)')
+    return ResumePoint(
+        epoch=checkpoint['epoch'] + 1,
+        best=(checkpoint['best_metric'], checkpoint['best_epoch'])
+        if checkpoint.get('best_metric') is not None and checkpoint.get('best_epoch') is not None else None,
+        # The checkpoint-<epoch> files listed in the history exist only in the checkpoint's own run dir.
+        history=checkpoint.get('checkpoint_history') if same_dir else None,
+        recovery=recovery)
+
+
+def _restore_weights(checkpoint: dict, path: str, model, model_ema, class_to_idx: Optional[dict], logger,
+                     weights_only: bool) -> None:
+    """The weights (and EMA weights) of a checkpoint of the same classes; evaluation also takes one whose
+    head lists them in another order (its rows are matched by class name)."""
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
                   for k, v in checkpoint['state_dict'].items()}
     saved_classes = checkpoint.get('class_to_idx')
@@ -389,29 +411,21 @@ def restore_training(checkpoint: dict, path: str, model, optimizer, scheduler, p
         first_line = str(error).strip().splitlines()[0]
         raise CheckpointError(f'{path!r} (arch {checkpoint.get("arch")!r}) does not fit --model '
                               f'{getattr(model, "pretrained_cfg", {}).get("architecture", "?")}: {first_line}') from None
-    recovery = None if weights_only else checkpoint.get('recovery')
-    if recovery is not None and train_samples is not None:
-        _check_same_training_set(checkpoint, path, recovery, train_samples)
-    if not weights_only:
-        saved_opt = run_options(checkpoint).get('opt')
-        _load_state('optimizer', optimizer, checkpoint['optimizer'], path,
-                    f'; it was written with --opt {saved_opt}' if saved_opt else '')
-        if precision.checkpoint_key and checkpoint.get(precision.checkpoint_key) is not None:
-            _load_state('loss scaler', precision, checkpoint[precision.checkpoint_key], path)
-        if checkpoint.get('scheduler'):
-            if keep_schedule:
-                _load_state('scheduler', scheduler, checkpoint['scheduler'], path)
-            else:
-                logger.info('schedule options differ from the checkpoint\'s: following the new ones')
-    same_dir = run_dir and os.path.abspath(os.path.dirname(path)) == os.path.abspath(run_dir)
-    logger.info(f'resumed from {path} (epoch {checkpoint["epoch"]} done)')
-    return ResumePoint(
-        epoch=checkpoint['epoch'] + 1,
-        best=(checkpoint['best_metric'], checkpoint['best_epoch'])
-        if checkpoint.get('best_metric') is not None and checkpoint.get('best_epoch') is not None else None,
-        # The checkpoint-<epoch> files listed in the history exist only in the checkpoint's own run dir.
-        history=checkpoint.get('checkpoint_history') if same_dir else None,
-        recovery=recovery)
+
+
+def _restore_optimization(checkpoint: dict, path: str, parts, logger, keep_schedule: bool) -> None:
+    """The optimizer, loss scaler and (when its options are unchanged) scheduler states."""
+    saved_opt = run_options(checkpoint).get('opt')
+    _load_state('optimizer', parts.optimizer, checkpoint['optimizer'], path,
+                f'; it was written with --opt {saved_opt}' if saved_opt else '')
+    precision = parts.precision
+    if precision.checkpoint_key and checkpoint.get(precision.checkpoint_key) is not None:
+        _load_state('loss scaler', precision, checkpoint[precision.checkpoint_key], path)
+    if checkpoint.get('scheduler'):
+        if keep_schedule:
+            _load_state('scheduler', parts.scheduler, checkpoint['scheduler'], path)
+        else:
+            logger.info('schedule options differ from the checkpoint\'s: following the new ones')
 
 
 def _check_same_training_set(checkpoint: dict, path: str, recovery: dict, train_samples: int) -> None:

@@ -161,13 +161,14 @@ def test_an_optimizer_state_of_another_optimizer_is_one_clear_error(saved, resum
     import logging
     from timm.optim import create_optimizer_v2
     from utils.amp import create_precision
+    from utils.engine import TrainingParts
     from utils.resume import restore_training
     layer, states = _sgd_and_adamw_states()
     optimizer = create_optimizer_v2(layer, resumed, lr=0.1)
     _, _, precision = create_precision(layer, optimizer, torch.device('cpu'), enabled=False)
     checkpoint = dict(epoch=0, state_dict=layer.state_dict(), optimizer=states[saved], args={'opt': saved})
     with pytest.raises(CheckpointError, match=f'optimizer state in .* does not fit .*written with --opt {saved}'):
-        restore_training(checkpoint, 'x.pth.tar', layer, optimizer, None, precision, None, None, None,
+        restore_training(checkpoint, 'x.pth.tar', TrainingParts(layer, None, None, optimizer, precision), None,
                          logging.getLogger('test'))
 
 
@@ -175,6 +176,7 @@ def test_resuming_with_model_ema_from_a_checkpoint_without_one_starts_the_averag
     import logging
     from timm.utils import ModelEmaV3
     from utils.amp import create_precision
+    from utils.engine import TrainingParts
     from utils.resume import restore_training
     torch.manual_seed(0)
     saved = torch.nn.Linear(2, 2)
@@ -183,6 +185,6 @@ def test_resuming_with_model_ema_from_a_checkpoint_without_one_starts_the_averag
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _, _, precision = create_precision(model, optimizer, torch.device('cpu'), enabled=False)
     checkpoint = dict(epoch=0, state_dict=saved.state_dict(), optimizer=optimizer.state_dict())
-    restore_training(checkpoint, 'x.pth.tar', model, optimizer, None, precision, ema, None, None,
-                     logging.getLogger('test'))
+    restore_training(checkpoint, 'x.pth.tar', TrainingParts(model, None, None, optimizer, precision, model_ema=ema),
+                     None, logging.getLogger('test'))
     assert all(torch.equal(ema.module.state_dict()[k], v) for k, v in saved.state_dict().items())

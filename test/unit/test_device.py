@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from utils import device as device_module
-from utils.device import init_distributed_device, resolve_device_type
+from utils.device import setup_device, resolve_device_type
 from utils.errors import DeviceError
 
 
@@ -36,7 +36,7 @@ def test_absent_npu_is_a_clear_error(monkeypatch):
 def test_single_process_returns_a_cpu_device_without_a_process_group(monkeypatch):
     for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
         monkeypatch.delenv(name, raising=False)
-    env = init_distributed_device('cpu')
+    env = setup_device('cpu')
     assert env.device == torch.device('cpu') and env.world_size == 1 and env.is_main and not env.distributed
     assert not torch.distributed.is_initialized()
 

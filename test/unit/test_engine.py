@@ -6,8 +6,7 @@ import torch
 
 from utils.amp import create_precision
 from utils.device import DistEnv
-from utils.engine import NonFiniteGuard
-from utils.engine import TrainSettings, TrainingParts, evaluate, train_one_epoch
+from utils.engine import NonFiniteGuard, TrainSettings, TrainingParts, evaluate, train_one_epoch
 from utils.errors import NonFiniteLossError
 
 CPU = torch.device('cpu')
@@ -128,8 +127,8 @@ def _fit(run_dir, checkpoint=None, sigterm_at_step=None):
                                          min_lr=0.01, step_per_update=True, updates_per_epoch=len(train_loader))
     resume = ResumePoint()
     if checkpoint is not None:
-        resume = restore_training(checkpoint, 'recovery.pth.tar', model, optimizer, scheduler, precision, None,
-                                  {}, None, LOGGER)
+        resume = restore_training(checkpoint, 'recovery.pth.tar',
+                                  TrainingParts(model, None, None, optimizer, precision, scheduler), {}, LOGGER)
     steps = []
 
     def criterion(output, target):

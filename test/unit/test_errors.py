@@ -25,7 +25,7 @@ def test_there_is_one_checkpoint_error():
 def test_main_reports_any_user_error_in_one_line_with_status_2(cls, monkeypatch, capsys):
     error = cls('/data/x.png', 'the reason') if issubclass(cls, errors.BadImageError) else cls('the reason')
 
-    def failing_run(args, resources):
+    def failing_run(args, resources, *rest):
         raise error
     monkeypatch.setattr(main, 'run', failing_run)
     assert main.main(['--data_path', 'd']) == 2
@@ -34,7 +34,7 @@ def test_main_reports_any_user_error_in_one_line_with_status_2(cls, monkeypatch,
 
 
 def test_a_bug_is_not_a_user_error(monkeypatch):
-    def failing_run(args, resources):
+    def failing_run(args, resources, *rest):
         raise KeyError('a bug')
     monkeypatch.setattr(main, 'run', failing_run)
     with pytest.raises(KeyError):

@@ -14,6 +14,7 @@ import yaml
 
 import main
 import models
+from utils import options
 from models.weights import safe_load
 
 # Small and fast: 32x32 images, batch 8, no augmentation that would slow learning on 48 images.
@@ -323,7 +324,7 @@ def test_a_resumed_run_compares_the_effective_lr_with_its_checkpoint():
     def saved(world_size, *argv):
         args = main.parse_args(['--data_path', 'd', *argv])
         main.resolve_recipe(args, world_size)
-        return main.schedule_options(main.plain_args(args))
+        return options.schedule_options(options.plain_args(args))
     # The same command keeps its schedule; the checkpoint holds the effective lr, never None.
     assert saved(8) == saved(8) and saved(8)['lr'] == 1e-3
     assert saved(8) == saved(8, '--lr', '1e-3') == saved(4, '-b', '256')  # same lr, however reached

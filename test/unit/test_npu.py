@@ -213,9 +213,10 @@ def test_fit_on_npu_saves_and_restores_torch_npus_scaler_state(npu, tmp_path):
     saved = checkpoint['amp_scaler']
     assert saved['dynamic'] is True and saved['scale'] == precision.state_dict()['scale']
 
-    resumed = _npu_training()
-    restore_training(checkpoint, 'last.pth.tar', *resumed[:2], resumed[3], resumed[2], None, {}, None, LOGGER)
-    assert resumed[2].state_dict() == precision.state_dict()
+    resumed_model, resumed_optimizer, resumed_precision, resumed_scheduler, _ = _npu_training()
+    restore_training(checkpoint, 'last.pth.tar', TrainingParts(resumed_model, None, None, resumed_optimizer,
+                                                               resumed_precision, resumed_scheduler), {}, LOGGER)
+    assert resumed_precision.state_dict() == precision.state_dict()
 
 
 def test_a_scaler_state_without_dynamic_still_resumes_on_npu(fake_torch_npu):
