@@ -110,8 +110,8 @@ def build_parser():
     parser.add_argument('--topk', type=Number(int, at_least=1), default=5, help='classes to print per image (default 5)')
     parser.add_argument('-b', '--batch-size', type=Number(int, at_least=1), default=16,
                         help='images per forward pass (default 16)')
-    parser.add_argument('--device', type=usable_device, default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help='torch device to run on, e.g. cpu, cuda, cuda:1 (default: cuda when available)')
+    parser.add_argument('--device', type=usable_device, default='auto',
+                        help='torch device to run on: auto (default: NPU, then CUDA, then CPU), cpu, cuda[:N], npu[:N]')
     return parser
 
 

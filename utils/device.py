@@ -180,6 +180,25 @@ def resolve_device_type(requested: str = 'auto') -> str:
     return requested
 
 
+def resolve_device(name: str = 'auto') -> torch.device:
+    """The torch.device a user names for one process (the tools' --device): auto (NPU, then CUDA, then CPU,
+    as `resolve_device_type`), cpu, cuda[:N] or npu[:N]; DeviceError when this machine does not have it.
+    Training resolves its device with `setup_device`, which also takes the local rank's."""
+    kind, _, index = str(name).partition(':')
+    if kind not in DEVICE_CHOICES or (index and kind == 'auto'):
+        raise DeviceError(f'{name!r}: use auto, cpu, cuda[:N] or npu[:N]')
+    device_type = resolve_device_type(kind)  # imports torch_npu for npu, which makes 'npu' a device type
+    try:
+        device = torch.device(f'{device_type}:{index}' if index else device_type)
+    except RuntimeError as error:
+        raise DeviceError(f'{name!r} is not a device ({error})') from None
+    if device.index is not None and device_type != 'cpu':
+        count = getattr(torch, device_type).device_count()
+        if device.index >= count:
+            raise DeviceError(f'{name!r}: this machine has {count} {device_type} device(s), numbered from 0')
+    return device
+
+
 def check_memory_format(device, channels_last: bool) -> None:
     """DeviceError when --channels-last asks for a memory format the device does not support."""
     if channels_last and torch.channels_last not in device_kind(device).memory_formats:

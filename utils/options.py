@@ -22,7 +22,7 @@ import yaml
 import models
 from utils.amp import AMP_BACKENDS, AMP_DTYPES, OPT_LEVELS, parse_loss_scale
 from utils.checkpoint import RECOVERY_FILE, run_options
-from utils.device import DEVICE_CHOICES
+from utils.device import DEVICE_CHOICES, resolve_device
 from utils.engine import TrainSettings
 from utils.errors import CheckpointError, DeviceError, ModelError, OptionError
 from utils.optim import LR_BASE_SCALES, check_optimizer, check_schedule, effective_lr
@@ -130,25 +130,11 @@ def augment_policy(text: str) -> str:
 
 
 def usable_device(text: str) -> torch.device:
-    """A torch device that exists on this machine (cpu, cuda, cuda:1, npu:0 ...)."""
-    from utils.device import resolve_device_type
-    kind = str(text).split(':')[0]
-    if kind not in ('cpu', 'cuda', 'npu'):
-        raise argparse.ArgumentTypeError(f'{text!r}: use cpu, cuda[:N] or npu[:N]')
-    if kind != 'cpu':
-        try:
-            resolve_device_type(kind)  # imports torch_npu for npu, which makes 'npu' a device type
-        except DeviceError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
+    """argparse type of the tools' --device: a torch device this machine has (utils.device.resolve_device)."""
     try:
-        device = torch.device(str(text))
-    except RuntimeError as error:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a device ({error})') from None
-    if device.index is not None and kind != 'cpu':
-        count = torch.cuda.device_count() if kind == 'cuda' else torch.npu.device_count()
-        if device.index >= count:
-            raise argparse.ArgumentTypeError(f'{text!r}: this machine has {count} {kind} device(s), numbered from 0')
-    return device
+        return resolve_device(str(text))
+    except DeviceError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # Shared by main.py and the tools: VAN downsamples 32-fold; beyond 4096 pixels a side one image
@@ -591,3 +577,8 @@ def train_settings(args, distributed: bool, show_progress: bool) -> TrainSetting
         show_progress=show_progress, recovery_interval=args.recovery_interval,
         max_nonfinite_steps=args.max_nonfinite_steps, mixup_off_epoch=args.mixup_off_epoch,
         dist_bn=args.dist_bn if distributed and not args.sync_bn else '')
+
+
+def default_options() -> argparse.Namespace:
+    """Every option at its default (the recipe), e.g. for a tool that measures what training does."""
+    return build_parser().parse_args([])

@@ -159,3 +159,22 @@ def test_auto_with_cann_set_up_but_no_torch_npu_says_so(monkeypatch):
 def test_auto_without_cann_quietly_skips_a_torch_npu_that_cannot_import(broken_torch_npu, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert resolve_device_type('auto') == 'cpu'
+
+
+def test_a_device_named_by_a_tool_is_resolved_by_the_same_rules(monkeypatch):
+    from utils.device import resolve_device
+    monkeypatch.setattr(device_module, '_npu_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert resolve_device('auto') == torch.device('cpu') and resolve_device('cpu') == torch.device('cpu')
+    with pytest.raises(DeviceError, match='no CUDA GPU'):
+        resolve_device('cuda:1')
+    with pytest.raises(DeviceError, match='no NPU is usable'):
+        resolve_device('npu')
+    for name in ('gpu7', 'auto:0'):
+        with pytest.raises(DeviceError, match='use auto, cpu, cuda'):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert resolve_device('auto') == torch.device('cuda') and resolve_device('cuda:1') == torch.device('cuda', 1)
+    with pytest.raises(DeviceError, match='this machine has 2 cuda device'):
+        resolve_device('cuda:2')
