@@ -487,7 +487,7 @@ def find_checkpoint(resume: Optional[str], search_dir: Optional[str], logger, fo
 
 def training_state(model, optimizer, scheduler, precision, model_ema, arch: str, run_args: dict,
                    class_to_idx: dict, train_samples: Optional[int] = None) -> dict:
-    """The keys every checkpoint of a training run holds; CheckpointSaver adds epoch, metric and history.
+    """The keys every checkpoint of a training run holds; RunCheckpoints adds epoch, metric and history.
 
     `run_args` is the command line as a plain dict (weights_only loading accepts nothing else).
     `train_samples`, the size of the training set, lets a resumed run see that the dataset changed.
