@@ -74,13 +74,19 @@ def results_of(log, tmp_path):
     return None
 
 
-@pytest.fixture
-def repo(tmp_path):
-    """A copy of the scripts in a temporary repo, a small ImageFolder and the stand-in python."""
+def repo_with_scripts(tmp_path):
+    """A temporary repo whose test/ holds copies of the launch scripts, so their test/output/ lands there."""
     root = tmp_path / "repo"
     (root / "test").mkdir(parents=True)
     for name in SCRIPTS:
         shutil.copy(REPO / "test" / name, root / "test" / name)
+    return root
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A copy of the scripts in a temporary repo, a small ImageFolder and the stand-in python."""
+    root = repo_with_scripts(tmp_path)
     for split in ("train", "val"):
         (root / "data" / "digits" / split / "0").mkdir(parents=True)
     fake = tmp_path / "fake"
@@ -496,11 +502,8 @@ def test_8p_ranks_run_with_cann_task_queue_2_and_per_rank_core_binding(repo, tmp
 
 @pytest.fixture
 def real_repo(tmp_path):
-    """A repo whose test/ holds copies of the scripts (test/output lands here) and whose code is the real one."""
-    root = tmp_path / "repo"
-    (root / "test").mkdir(parents=True)
-    for name in SCRIPTS:
-        shutil.copy(REPO / "test" / name, root / "test" / name)
+    """A repo with copies of the scripts whose code is the real one."""
+    root = repo_with_scripts(tmp_path)
     for name in ("main.py", "models", "utils", "tools"):
         os.symlink(REPO / name, root / name)
     return root
