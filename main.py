@@ -30,7 +30,8 @@ from utils.checkpoint import (BEST_FILE, CHECKPOINTS_ON_DISK, LAST_FILE, RunChec
                               save_run_args, training_state)
 from utils.data import (build_datasets, build_loaders, build_mixup, build_train_criterion, check_dataset_layout,
                         find_class_map, find_split_dirs)
-from utils.device import DistEnv, check_memory_format, cleanup_distributed, is_peer_failure, pin_memory_settings, setup_device
+from utils.device import (DistEnv, check_memory_format, cleanup_distributed, is_peer_failure, peer_failure_message,
+                          pin_memory_settings, setup_device)
 from utils.engine import TrainingParts, TrainSettings, evaluate, fit
 from utils.errors import DatasetError, ModelError, UserError
 from utils.images import resolve_eval_config
@@ -255,10 +256,7 @@ def main(argv=None) -> int:
     except Exception as error:
         if not is_peer_failure(error):
             raise
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        print(f'error: process {os.environ.get("RANK", "?")} lost contact with the others ({first_line}); another '
-              'process probably failed or hangs, see its output. Finished epochs are kept: fix the cause and run '
-              'again with --resume auto', file=sys.stderr, flush=True)
+        print(f'error: {peer_failure_message(error)}', file=sys.stderr, flush=True)
         return 1
     finally:
         cleanup_distributed()

@@ -364,6 +364,14 @@ def is_peer_failure(error: BaseException) -> bool:
     return dist.is_available() and dist.is_initialized() and any(sign in text for sign in PEER_LOSS_SIGNS)
 
 
+def peer_failure_message(error: BaseException) -> str:
+    """What to tell the user when `is_peer_failure(error)`: this process lost the others, whose output says why."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (f'process {os.environ.get("RANK", "?")} lost contact with the others ({first_line}); another process '
+            'probably failed or hangs, see its output. Finished epochs are kept: fix the cause and run again with '
+            '--resume auto')
+
+
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
