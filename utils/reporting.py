@@ -39,7 +39,8 @@ epoch, after an evaluation and when the run ends, so a stopped run still has one
      "train_losses": [2.31, 2.25, ...],   # the current loss of every logged `Train:` line, in order
      "best": {"top1": 55.278, "epoch": 1} | null,
      "evaluation": {"top1": 83.5, "top5": 98.9, "loss": 0.61, "images": 360, "skipped": 0} | null,
-     "e2e_seconds": 123.4}                # from the start of main.py to this write
+     "e2e_seconds": 123.4}                # from main() (imports done) to this write; the launch
+                                          # scripts report their own wall time to ModelZoo
 
 It holds what this invocation did (like its log): the epochs of a resumed run start at start_epoch;
 summary.csv holds every epoch of the run dir. Numbers are stored at full precision; utils.modelzoo
