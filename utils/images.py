@@ -1,4 +1,5 @@
-"""Image decoding that turns every readable file into RGB and every unreadable one into a clear error.
+"""Images: which files are images, how each decodes into RGB (or one clear error), the ImageFolder that
+survives broken files, and the one evaluation preprocessing.
 
 Large datasets always contain a few broken files. `load_rgb` decides, for one file, whether it can be
 used and how it becomes an 8-bit RGB image; `RobustImageFolder` uses it so that a broken file costs

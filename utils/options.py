@@ -10,6 +10,10 @@ options (`COMBINATION_RULES`) run after parsing, before anything starts.
 
 Names are checked against timm's own registries and parsers (optimizers, schedulers,
 auto-augment policies, interpolation modes), so whatever timm accepts is accepted here.
+
+What options mean for the rest of the run is also said here, once: which of them a resumed run
+compares with its checkpoint (SCHEDULE_OPTIONS) or takes from it (OPTIMIZER_OPTIONS), and how they
+become the arguments of the other modules (train_augmentation, eval_overrides, train_settings).
 """
 import argparse
 import difflib
