@@ -37,8 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the VAN variants with timm)
 import timm  # noqa: E402
 from models import native_kernels  # noqa: E402
+from utils.data import train_transform  # noqa: E402
+from utils.device import keep_freed_host_memory, resolve_device, synchronize  # noqa: E402
+from utils.errors import DeviceError, UserError  # noqa: E402
+from utils.images import RobustImageFolder, collate_samples, resolve_eval_config  # noqa: E402
+from utils.options import default_options, train_augmentation  # noqa: E402
 from utils.step_profile import breakdown, profile_step  # noqa: E402
-from utils.device import keep_freed_host_memory  # noqa: E402
 
 NO_NATIVE = '-no-native'
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -51,7 +55,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument('-b', '--batch-size', type=int, default=32)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--num-classes', type=int, default=1000)
-    parser.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, npu, ...')
+    parser.add_argument('--device', default='auto',
+                        help='auto (NPU, then CUDA, then CPU, as main.py), cpu, cuda[:N], npu[:N]')
     parser.add_argument('--dtype', default='float32', choices=list(DTYPES),
                         help='float32, or autocast to bfloat16/float16 (mixed precision)')
     parser.add_argument('--channels-last', action='store_true',
@@ -77,22 +82,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batches', type=int, default=20, help='batches timed in data mode')
     parser.add_argument('--json', default=None, metavar='PATH', help='also write the results to this JSON file')
     return parser
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit(f'error: --device {name}: no CUDA device is visible; use --device cpu')
-    return device
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type != 'cpu':
-        # torch.accelerator is torch >= 2.6; before it, each backend module (torch.cuda, torch.npu) has its own.
-        accelerator = getattr(torch, 'accelerator', None) or getattr(torch, device.type)
-        accelerator.synchronize(device)
 
 
 def _summary(times, batch_size):
@@ -177,28 +166,24 @@ def benchmark_models(args, device):
 
 
 def benchmark_data(args):
-    """Images/s of the training data pipeline alone (decode + timm training transforms + collate)."""
-    from timm.data import create_transform
+    """Images/s of the training data pipeline alone: what main.py's training loader does per image (decoding
+    by utils.images.load_rgb, the training transform with main.py's default augmentation) and per batch."""
     from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
 
     root = Path(args.data_path)
     if (root / 'train').is_dir():
         root = root / 'train'
     if not root.is_dir():
         raise SystemExit(f'error: --data-path {args.data_path}: no such folder (give an ImageFolder root)')
-    cfg = timm.data.resolve_data_config({}, model=timm.create_model(args.model, pretrained=False))
-    # The training recipe's augmentation (reference: RandAugment m9, random erasing 0.25, jitter 0.4).
-    transform = create_transform(
-        args.img_size, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.4,
-        re_prob=0.25, re_mode='pixel', re_count=1, interpolation=cfg['interpolation'],
-        mean=cfg['mean'], std=cfg['std'])
+    model = timm.create_model(args.model, pretrained=False)
+    transform = train_transform(resolve_eval_config(model, dict(img_size=args.img_size)),
+                                train_augmentation(default_options()))
     try:
-        dataset = ImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as error:
+        dataset = RobustImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError, UserError) as error:
         raise SystemExit(f'error: --data-path {args.data_path}: not an ImageFolder ({error})')
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        drop_last=True, persistent_workers=args.workers > 0)
+                        drop_last=True, persistent_workers=args.workers > 0, collate_fn=collate_samples)
     if len(loader) == 0:
         raise SystemExit(f'error: --data-path {args.data_path}: fewer images ({len(dataset)}) than one batch')
     times, seen, start = [], 0, None
@@ -221,8 +206,11 @@ def main(argv=None):
         setting = f'data pipeline: {args.data_path}, batch {args.batch_size}, {args.img_size}px, {args.workers} workers'
         results = benchmark_data(args)
     else:
-        device = resolve_device(args.device)
-        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'
+        try:
+            device = resolve_device(args.device)
+        except DeviceError as error:
+            raise SystemExit(f'error: --device: {error}') from None
+        name = f'{os.cpu_count()} CPU cores' if device.type == 'cpu' else getattr(torch, device.type).get_device_name(device)
         setting = (f'{args.model}, batch {args.batch_size}, {args.img_size}px, {args.dtype}, '
                    f'{"channels_last" if args.channels_last else "NCHW"} input, {device} ({name}), '
                    f'torch {torch.__version__}, {torch.get_num_threads()} threads')

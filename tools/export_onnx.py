@@ -3,11 +3,14 @@
     python tools/export_onnx.py output/my-run/model_best.pth.tar            # -> output/my-run/model_best.onnx
     python tools/export_onnx.py van_tiny_754.pth.tar --model van_b0 --out van_b0.onnx --fold-bn
 
-The graph has one input `image` (N, 3, H, W), float32, normalised as in training, and one output
-`class` (N, num_classes) of logits; the batch dimension N is dynamic, H and W are fixed at export
-(`--img-size`, default the size the run trained at, else 224). The checkpoint may be any file the
-models package reads; the variant comes from the file (`arch`, `args['model']`, or the weights'
-shapes) unless `--model` is given.
+The graph has one input `image` (N, 3, H, W), float32, and one output `class` (N, num_classes) of
+logits; the batch dimension N is dynamic, H and W are fixed at export (`--img-size`, default the
+size the run trained at, else the model's 224). The input is what evaluation feeds the model: the
+image decoded as utils.images.load_rgb does and preprocessed by utils.images.eval_transform with the
+run's options (utils.inference.eval_preprocessing); the tool prints that preprocessing (resize,
+crop, mean, std) for the deployment to repeat. The checkpoint may be any file the models package
+reads; the variant comes from the file (`arch`, `args['model']`, or the weights' shapes) unless
+`--model` is given.
 
 The exported graph is run with onnxruntime at two batch sizes and compared with PyTorch; when the
 largest absolute difference exceeds `--atol` (1e-4) the export fails (exit status 1) and the output
@@ -33,11 +36,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from models.van import Block, OverlapPatchEmbed  # noqa: E402
-from models.weights import UnsafeFileError  # noqa: E402
-from utils.inference import load_model  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.inference import eval_preprocessing, load_model  # noqa: E402
+from utils.options import IMG_SIZE  # noqa: E402
 
 INPUT_NAME, OUTPUT_NAME = 'image', 'class'
-DEFAULT_IMG_SIZE = 224
 # Opsets the TorchScript exporter writes for this model (9: constant folding; 20: the exporter's newest).
 OPSETS = range(9, 21)
 
@@ -178,7 +181,7 @@ def build_parser():
                         help='ONNX file to write (default: the checkpoint path with the suffix .onnx)')
     parser.add_argument('--model', default=None,
                         help='VAN variant, e.g. van_b0; needed only when the checkpoint does not say')
-    parser.add_argument('--img-size', type=int, default=None,
+    parser.add_argument('--img-size', type=IMG_SIZE, default=None,
                         help='input height and width (default: the training size stored in the checkpoint, else 224)')
     parser.add_argument('--opset', type=int, default=11,
                         help=f'ONNX opset version, {OPSETS[0]}..{OPSETS[-1]} (default 11, what Ascend ATC expects)')
@@ -203,8 +206,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.opset not in OPSETS:
         parser.error(f'--opset {args.opset}: choose {OPSETS[0]}..{OPSETS[-1]}')
-    if args.img_size is not None and args.img_size < 32:
-        parser.error(f'--img-size {args.img_size}: VAN downsamples by 32, use at least 32')
     try:
         import onnxruntime  # noqa: F401  (verification needs it; fail before the slow export)
     except ImportError:
@@ -218,13 +219,16 @@ def main(argv=None) -> int:
 
     try:
         loaded = load_model(checkpoint, model_name=args.model)
-    except (FileNotFoundError, UnsafeFileError, ValueError) as err:
+    except UserError as err:
         print(f'export_onnx: error: {err}', file=sys.stderr)
         return 2
-    img_size = (args.img_size, args.img_size) if args.img_size else (loaded.img_size or (DEFAULT_IMG_SIZE,) * 2)
+    transform, config = eval_preprocessing(loaded, args.img_size)
+    img_size = tuple(config.input_size[1:])
     reference = loaded.model
     print(f'{checkpoint}: {loaded.variant}, {loaded.num_classes} classes, input {INPUT_NAME} (N, 3, {img_size[0]}, '
           f'{img_size[1]}), opset {args.opset}')
+    print(f'preprocessing of {INPUT_NAME} (as evaluation, of an RGB image): '
+          + ', '.join(' '.join(repr(step).split()) for step in getattr(transform, 'transforms', [transform])))
 
     model = reference
     if args.fold_bn:

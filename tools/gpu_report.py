@@ -423,10 +423,14 @@ def check_environment(settings: Settings) -> Dict:
                 timm=_version('timm'), triton=_version('triton'), host_cpus=os.cpu_count(), device=settings.device)
     if settings.device != 'cuda':
         return info
-    if not torch.cuda.is_available():
+    from utils.device import resolve_device_type
+    from utils.errors import DeviceError
+    try:
+        resolve_device_type('cuda')  # the device table's rule, as main.py and tools/benchmark.py apply it
+    except DeviceError:
         raise SetupError(f'no CUDA device is visible to torch {torch.__version__} (CUDA build: '
                          f'{torch.version.cuda or "none"}); run this on the GPU machine, or check the plan on CPU '
-                         'with --dry-run')
+                         'with --dry-run') from None
     from models import triton_lka
     reason = triton_lka.unavailable_reason()
     if reason:

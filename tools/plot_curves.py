@@ -4,7 +4,7 @@
     python tools/plot_curves.py output/train/my-run/summary.csv --out curves.png
 
 main.py writes the same plot to <run dir>/curves.png when training ends; this command redraws it for
-any run, also one still training. The drawing lives in utils/curves.py (`plot_curves`).
+any run, also one still training. The drawing lives in utils/reporting.py (`plot_curves`).
 """
 import argparse
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from utils.curves import plot_curves  # noqa: E402
+from utils.reporting import CURVES_FILE, SUMMARY_FILE, plot_curves  # noqa: E402
 
 __all__ = ['plot_curves', 'main']
 
@@ -27,8 +27,8 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run = Path(args.run)
-    summary_csv = run / 'summary.csv' if run.is_dir() else run
-    out_png = Path(args.out) if args.out else summary_csv.parent / 'curves.png'
+    summary_csv = run / SUMMARY_FILE if run.is_dir() else run
+    out_png = Path(args.out) if args.out else summary_csv.parent / CURVES_FILE
     try:
         written = plot_curves(summary_csv, out_png)
     except (OSError, ValueError) as err:

@@ -3,12 +3,16 @@
     python tools/predict.py output/my-run/model_best.pth.tar photo.jpg more_photos/
     python tools/predict.py van_tiny_754.pth.tar img.jpg --class-map imagenet_classes.txt
 
-Folders are searched recursively for image files (sorted). Class names come from the checkpoint's
-`class_to_idx` (main.py stores it), else from `--class-map` (a text file with one name per line in
-class-index order, or JSON), else the class indices are printed. Preprocessing is the model's eval
-transform (timm's resolve_data_config + create_transform: for VAN at 224 a bicubic resize to 248,
-center crop 224, mean = std = 0.5), with the run's own options when the checkpoint stores them
-(main.py's --img-size, --crop-pct, --mean, --std, --interpolation).
+Folders are searched recursively for the files a dataset would use as images (utils.images: the
+image extensions, no hidden files; sorted). Class names come from the checkpoint's `class_to_idx`
+(main.py stores it), else from `--class-map` (a text file with one name per line in class-index
+order, or JSON), else the class indices are printed.
+
+Each image goes through exactly what evaluation does with a validation image: decoding by
+utils.images.load_rgb (transparency composited on white, 16-bit grey scaled to 8 bit, the same
+size checks) and the evaluation transform (utils.images.eval_transform: for VAN at 224 a bicubic
+resize to 248, center crop 224, mean = std = 0.5) with the run's own options when the checkpoint
+stores them (main.py's --img-size, --crop-pct, --mean, --std, --interpolation).
 
 Output, per image:
     photos/cat.jpg
@@ -21,16 +25,14 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from models.weights import UnsafeFileError  # noqa: E402
-from utils.images import BadImageError, check_image_size  # noqa: E402
-from utils.inference import load_model  # noqa: E402
+from utils.errors import BadImageError, UserError  # noqa: E402
+from utils.images import image_files, load_rgb  # noqa: E402
+from utils.inference import eval_preprocessing, load_model  # noqa: E402
 from utils.options import IMG_SIZE, Number, usable_device  # noqa: E402
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
 
 
 def find_images(inputs):
@@ -41,9 +43,9 @@ def find_images(inputs):
     files = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            found = sorted(p for p in entry.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(Path(p) for p in image_files(str(entry)))
             if not found:
-                raise ValueError(f'{entry}: no image files ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
+                raise ValueError(f'{entry}: no image files ({", ".join(IMG_EXTENSIONS)}) in this folder')
             files.extend(found)
         elif entry.is_file():
             files.append(entry)  # named explicitly: trust the user, decoding will tell
@@ -52,29 +54,11 @@ def find_images(inputs):
     return files
 
 
-def build_transform(model, data_args=None, img_size=None):
-    """The model's eval preprocessing with the run's options (`data_args`, see utils.inference),
-    at `img_size` when given; returns (transform, resolved config)."""
-    from timm.data import create_transform, resolve_data_config
-
-    data_args = dict(data_args or {})
-    if img_size:
-        data_args['input_size'] = (3, img_size, img_size)
-    config = resolve_data_config(data_args, model=model)
-    return create_transform(**config, is_training=False), config
-
-
-def load_image(path):
-    """The file decoded as RGB (like torchvision's ImageFolder loader); ValueError naming the file and the
-    reason when it is no readable image."""
-    try:
-        with Image.open(path) as img:
-            check_image_size(str(path), *img.size)  # the training run's rule for what preprocessing may cost
-            return img.convert('RGB')
-    except BadImageError as e:
-        raise ValueError(f'{path}: cannot read image ({e.reason})') from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f'{path}: cannot read image ({e})') from e
+def preprocess(path, transform) -> torch.Tensor:
+    """The model input of one image file: decoded and transformed exactly as evaluation does
+    (utils.images.load_rgb, then `transform` from utils.inference.eval_preprocessing); BadImageError
+    naming the file when it cannot be used."""
+    return transform(load_rgb(str(path)))
 
 
 def predict(model, transform, paths, device, batch_size=16, topk=5):
@@ -92,11 +76,11 @@ def predict(model, transform, paths, device, batch_size=16, topk=5):
 
     for path in paths:
         try:
-            image = load_image(path)
-        except ValueError as e:
-            yield path, str(e)
+            image = preprocess(path, transform)
+        except BadImageError as e:
+            yield path, f'{path}: cannot read image ({e.reason})'
             continue
-        batch_paths.append(path), batch.append(transform(image))
+        batch_paths.append(path), batch.append(image)
         if len(batch) == batch_size:
             yield from run()
     if batch:
@@ -126,8 +110,8 @@ def build_parser():
     parser.add_argument('--topk', type=Number(int, at_least=1), default=5, help='classes to print per image (default 5)')
     parser.add_argument('-b', '--batch-size', type=Number(int, at_least=1), default=16,
                         help='images per forward pass (default 16)')
-    parser.add_argument('--device', type=usable_device, default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help='torch device to run on, e.g. cpu, cuda, cuda:1 (default: cuda when available)')
+    parser.add_argument('--device', type=usable_device, default='auto',
+                        help='torch device to run on: auto (default: NPU, then CUDA, then CPU), cpu, cuda[:N], npu[:N]')
     return parser
 
 
@@ -138,12 +122,12 @@ def main(argv=None) -> int:
     try:
         paths = find_images(args.images)
         loaded = load_model(args.checkpoint, model_name=args.model, class_map=args.class_map)
-    except (FileNotFoundError, UnsafeFileError, ValueError) as err:
+    except (FileNotFoundError, ValueError, UserError) as err:
         print(f'predict: error: {err}', file=sys.stderr)
         return 2
-    transform, config = build_transform(loaded.model, loaded.data_args, args.img_size)
-    print(f'{args.checkpoint}: {loaded.variant}, {loaded.num_classes} classes, input {config["input_size"][1]}x'
-          f'{config["input_size"][2]} ({config["interpolation"]}, crop {config["crop_pct"]:g}); '
+    transform, config = eval_preprocessing(loaded, args.img_size)
+    print(f'{args.checkpoint}: {loaded.variant}, {loaded.num_classes} classes, input {config.input_size[1]}x'
+          f'{config.input_size[2]} ({config.interpolation}, crop {config.crop_pct:g}); '
           f'{len(paths)} image(s)', file=sys.stderr)
 
     failed = 0

@@ -19,14 +19,11 @@ import torch
 from timm.utils import dispatch_clip_grad
 
 from utils.device import device_kind
+from utils.errors import AmpError
 
 AMP_BACKENDS = ('auto', 'apex', 'native')
 AMP_DTYPES = ('auto', 'float16', 'bfloat16')
 OPT_LEVELS = ('O1', 'O2')
-
-
-class AmpError(RuntimeError):
-    """The requested mixed-precision setup cannot run here."""
 
 
 def find_apex_amp():

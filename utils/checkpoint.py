@@ -1,39 +1,262 @@
-"""Training checkpoints: atomic writes, best-N history, safe reading, and finding one to resume.
+"""The files of a run: where its run dir is, what may be written there, and its checkpoints.
 
-Files in the run dir: last.pth.tar (every epoch), model_best.pth.tar, checkpoint-<epoch>.pth.tar
-(the best --checkpoint-hist epochs), recovery.pth.tar (mid-epoch, see utils.preemption). A file is
-written to a temporary name, flushed, fsynced and renamed over the target, so a crash leaves either
-the old complete file or the new one; a failed write (full disk) removes its temporary file.
+Run dir. `resolve_run_dir` names it (--output/--experiment, or for --resume auto the newest run that
+holds a checkpoint); `prepare_run_dir` makes sure rank 0 can write there before anything is
+computed (`check_output_dir`: creates the folder, writes a probe file, compares the free space with
+what the checkpoints need) and takes the run's lock. Finding out after the first epoch (or after
+hours) that the folder is read-only or the disk is full would lose that work.
+
+Two runs writing into one run dir (the same --experiment twice, or two `--resume auto`) would delete
+each other's temporary files and mix their checkpoints and logs. `RunDirLock` makes a run own its
+dir: a lock on <run dir>/run.lock, held by rank 0 for the whole run, which records who holds it.
+It is a POSIX record lock (fcntl.lockf), which the kernel drops when the holding process dies,
+however it dies, so a lock left by a killed run is simply taken over. Unlike flock, such a lock
+is not inherited by the DataLoader workers that the process forks, so a killed run's orphaned
+workers do not keep its lock alive while torchrun restarts it.
+
+Checkpoints. last.pth.tar (every epoch), model_best.pth.tar, checkpoint-<epoch>.pth.tar (the best
+--checkpoint-hist epochs), recovery.pth.tar (a point inside an epoch, utils.resume); the names are
+the constants below and nowhere else. A file is written to a temporary name, flushed, fsynced and
+renamed over the target, so a crash leaves either the old complete file or the new one; a failed
+write (full disk) removes its temporary file and keeps the previous one (CheckpointWriteError).
+Reading is safe (weights_only) and checks every key against CHECKPOINT_FIELDS, so a damaged or
+foreign file is one message, not a traceback in the middle of resuming. A state holding NaN or inf
+is never written (`nonfinite_tensors`). Which checkpoint a run continues from is found here
+(`find_checkpoint`); loading it into the run is utils.resume's `restore_training`.
 """
 import argparse
 import contextlib
+import datetime
+import errno
 import glob
+import json
 import os
-import re
 import shutil
-from dataclasses import dataclass
-from typing import Mapping, Optional
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, List, Mapping, Optional, Tuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX locks, runs are not protected from each other
+    fcntl = None
 
 import torch
+import yaml
 
-from models.weights import HEAD_KEYS, align_head_to_classes, safe_load
-from utils.nonfinite import NonFiniteStateError, nonfinite_tensors
-from utils.preemption import RECOVERY_FILE
+from models.weights import safe_load
+from utils.device import DistEnv, all_reduce_sum
+from utils.errors import CheckpointError, CheckpointWriteError, NonFiniteStateError, OutputDirError, RunDirBusyError
 
-CHECKPOINT_FILES = ('last.pth.tar', 'model_best.pth.tar', RECOVERY_FILE)
+LAST_FILE = 'last.pth.tar'
+BEST_FILE = 'model_best.pth.tar'
+RECOVERY_FILE = 'recovery.pth.tar'
+HISTORY_FILE = 'checkpoint-{epoch}.pth.tar'  # one of the best --checkpoint-hist epochs
+ARGS_FILE = 'args.yaml'
+LOCK_FILE = 'run.lock'
+CHECKPOINT_FILES = (LAST_FILE, BEST_FILE, RECOVERY_FILE)
 TEMP_PATTERN = '*.pth.tar.tmp*'  # what a process killed while writing leaves behind
-HISTORY_PATTERN = re.compile(r'checkpoint-(\d+)\.pth\.tar$')
 REQUIRED_RESUME_KEYS = ('epoch', 'state_dict', 'optimizer')
+# last.pth.tar, model_best.pth.tar, checkpoint-<epoch>.pth.tar, a recovery checkpoint and the
+# temporary file of the one being written: a run needs room for a few checkpoints at once.
+CHECKPOINTS_ON_DISK = 3
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not a training checkpoint of this repo."""
+# ---------------------------------------------------------------------------------------------
+# The run dir
+# ---------------------------------------------------------------------------------------------
+def resolve_run_dir(output: str, experiment: Optional[str], resume_auto: bool, default_name: str) -> str:
+    """--output/--experiment, or for --resume auto without --experiment the newest run under --output
+    that holds a checkpoint, else a new <time>-<default_name> dir."""
+    if experiment:
+        return os.path.join(output, experiment)
+    if resume_auto and os.path.isdir(output):
+        runs = [os.path.join(output, d) for d in os.listdir(output)]
+        saved = {d: [os.path.getmtime(p) for p in (os.path.join(d, n) for n in (LAST_FILE, RECOVERY_FILE))
+                     if os.path.isfile(p)] for d in runs}
+        saved = {d: max(times) for d, times in saved.items() if times}
+        if saved:
+            return max(saved, key=saved.get)
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    return os.path.join(output, f'{stamp}-{default_name}')
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, lost permissions); the previous file is kept."""
+def prepare_run_dir(run_dir: str, dist_env: DistEnv, resources: contextlib.ExitStack) -> Optional['RunDirLock']:
+    """Rank 0 makes sure the run dir can be written and takes its lock (held on `resources`) before touching
+    anything in it; every rank learns whether that worked, so all stop together with a message. Returns the
+    lock (rank 0) or None."""
+    run_lock, failure = None, None
+    if dist_env.is_main:
+        try:
+            check_output_dir(run_dir)  # an unwritable folder is one message now, not a lost epoch later
+            run_lock = resources.enter_context(RunDirLock(run_dir))
+            remove_partial_files(run_dir)  # of a killed run; never of a live one, which holds the lock
+        except OutputDirError as error:
+            failure = error
+    failed = all_reduce_sum(torch.tensor([float(failure is not None)], device=dist_env.device), dist_env)
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise OutputDirError(f'process 0 cannot use the run dir {run_dir} (its message says why)')
+    return run_lock
 
 
+def save_run_args(run_dir: str, options: Mapping) -> None:
+    """<run dir>/args.yaml: the options the run uses (plain values, utils.options.plain_args)."""
+    path = os.path.join(run_dir, ARGS_FILE)
+    try:
+        with open(path, 'w') as f:
+            yaml.safe_dump(dict(options), f, sort_keys=True)
+    except OSError as error:
+        raise OutputDirError(f'cannot write {path}: {error.strerror}; free disk space or choose another --output') from None
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module, optimizer_copies: int = 2, ema: bool = False) -> int:
+    """Rough size of one training checkpoint: weights, `optimizer_copies` optimizer tensors per
+    parameter (AdamW keeps two) and an EMA copy, all in float32."""
+    weights = sum(t.numel() * 4 for t in model.state_dict().values() if torch.is_tensor(t))
+    return weights * (1 + optimizer_copies + (1 if ema else 0))
+
+
+def check_output_dir(path, needed_bytes: int = 0) -> Path:
+    """Create `path` if needed and make sure a file can be written there and `needed_bytes` fit."""
+    run_dir = Path(path).expanduser()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=run_dir)
+        try:
+            os.write(fd, b"0")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        hint = {
+            errno.EACCES: "choose another --output or fix the folder's permissions",
+            errno.EPERM: "choose another --output or fix the folder's permissions",
+            errno.EROFS: "the file system is read-only; choose another --output",
+            errno.ENOSPC: "the disk is full; free space or choose another --output",
+            errno.EDQUOT: "the disk quota is used up; free space or choose another --output",
+            errno.ENOTDIR: "a part of the path is a file, not a folder; choose another --output",
+            errno.EEXIST: "a part of the path is a file, not a folder; choose another --output",
+        }.get(e.errno, "choose another --output")
+        raise OutputDirError(f"cannot write to output folder {run_dir}: {e.strerror}; {hint}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise OutputDirError(
+            f"only {free / 2**20:.0f} MiB free on the disk of {run_dir}, but the run's checkpoints need about "
+            f"{needed_bytes / 2**20:.0f} MiB; free space or choose another --output")
+    return run_dir
+
+
+def _describe_holder(record: dict) -> str:
+    parts = [f"pid {record.get('pid', '?')} on host {record.get('host', '?')}"]
+    if record.get('started'):
+        parts.append(f"started {record['started']}")
+    if record.get('command'):
+        parts.append(f"command: {record['command']}")
+    return ', '.join(parts)
+
+
+class RunDirLock:
+    """Exclusive ownership of a run dir while a run writes into it (see the module docstring).
+
+        with RunDirLock(run_dir) as lock:   # RunDirBusyError when another live run holds it
+            ...                             # lock.taken_over: the record of a dead holder, or None
+
+    The lock file stays in the run dir; while held it names the holder (pid, host, start time,
+    command), and a run that ends normally empties it.
+    """
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.taken_over: Optional[dict] = None
+        self.unsupported: Optional[str] = None  # why the file system could not lock it
+        self._fd: Optional[int] = None
+
+    def _read(self) -> dict:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        text = os.read(self._fd, 1 << 16).decode('utf-8', 'replace').strip()
+        try:
+            record = json.loads(text) if text else {}
+        except ValueError:
+            record = {'pid': '?', 'command': text[:200]}
+        return record if isinstance(record, dict) else {}
+
+    def acquire(self) -> 'RunDirLock':
+        if fcntl is None:
+            return self
+        try:
+            # Opened once and never reopened: closing any descriptor of the file would drop a POSIX lock.
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise OutputDirError(f'cannot create the lock file {self.path}: {error.strerror}; choose another '
+                                 '--output or fix the folder\'s permissions') from None
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                # A file system without locks (some network and FUSE mounts): the run goes on unprotected.
+                self._close()
+                self.unsupported = f'{self.path}: {error.strerror}'
+                return self
+            holder = self._read()
+            self._close()
+            who = _describe_holder(holder) if holder else 'its details are not written yet'
+            raise RunDirBusyError(
+                f'run dir {self.path.parent} is in use by another run ({who}); two runs in one dir would '
+                'overwrite each other\'s checkpoints. Wait for that run to end (or stop it), or choose another '
+                '--experiment') from None
+        previous = self._read()
+        if previous and previous.get('pid') != os.getpid():
+            self.taken_over = previous
+        record = dict(pid=os.getpid(), host=socket.gethostname(),
+                      started=datetime.datetime.now().isoformat(timespec='seconds'),
+                      command=' '.join(sys.argv))
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, (json.dumps(record) + '\n').encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its description is missing
+        return self
+
+    def describe_takeover(self) -> Optional[str]:
+        """The log line for a lock left by a run that is gone (killed, crashed, lost its node), or for a
+        file system that cannot lock; None when there is nothing to say."""
+        if self.unsupported:
+            return (f'cannot lock the run dir ({self.unsupported}); a second run started in it would not be '
+                    'stopped, so give every run its own --experiment')
+        if not self.taken_over:
+            return None
+        return (f'{self.path}: the run that held this run dir ({_describe_holder(self.taken_over)}) is gone; '
+                'taking it over')
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # ended normally: nothing for the next run to report
+        except OSError:
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # also drops the lock
+
+    def __enter__(self) -> 'RunDirLock':
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing, reading and finding checkpoints
+# ---------------------------------------------------------------------------------------------
 def _fsync_dir(directory: str) -> None:
     # Makes the rename itself durable; not supported on every platform/filesystem.
     try:
@@ -135,7 +358,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or float that is not a bool (True is 1 to Python, not to a checkpoint)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -164,11 +388,11 @@ CHECKPOINT_FIELDS = {
     'args': (lambda v: isinstance(v, (Mapping, argparse.Namespace)), 'the options of the run'),
     'class_to_idx': (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and _is_int(i) for k, i in v.items()),
                      'a dict of class name: index'),
-    'metric': (_is_number, 'a number'),
-    'best_metric': (_is_number, 'a number'),
+    'metric': (is_number, 'a number'),
+    'best_metric': (is_number, 'a number'),
     'best_epoch': (_is_int, 'an epoch number'),
     'checkpoint_history': (lambda v: isinstance(v, list) and all(
-        isinstance(h, (list, tuple)) and len(h) == 2 and _is_number(h[0]) and _is_int(h[1]) for h in v),
+        isinstance(h, (list, tuple)) and len(h) == 2 and is_number(h[0]) and _is_int(h[1]) for h in v),
         'a list of [metric, epoch] pairs'),
     'recovery': (_is_recovery, f'a recovery record ({", ".join(RECOVERY_COUNTS)}, rng)'),
     'train_samples': (lambda v: _is_int(v) and v >= 0, 'a number of images'),
@@ -185,7 +409,7 @@ def read_training_checkpoint(path: str) -> dict:
     if missing:
         raise CheckpointError(f'{path!r} is not a training checkpoint (missing {", ".join(missing)}); '
                               'to start from weights only, use --pretrained instead of --resume')
-    wrong = [f'{key} should be {what}, not {_summary(checkpoint[key])}' for key, (valid, what) in CHECKPOINT_FIELDS.items()
+    wrong = [f'{key} should be {what}, not {describe_value(checkpoint[key])}' for key, (valid, what) in CHECKPOINT_FIELDS.items()
              if checkpoint.get(key) is not None and not valid(checkpoint[key])]
     wrong += [f'{key} is missing' for key in REQUIRED_RESUME_KEYS if checkpoint[key] is None]
     if wrong:
@@ -193,15 +417,16 @@ def read_training_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def _summary(value) -> str:
+def describe_value(value) -> str:
+    """A value in a message: its type and the start of its repr."""
     text = repr(value)
     return f'{type(value).__name__} {text[:40]}{"..." if len(text) > 40 else ""}'
 
 
-def run_options(checkpoint: dict) -> dict:
+def run_options(checkpoint) -> dict:
     """The options a checkpoint's run was started with, as a dict (main.py stores a dict, timm scripts a
-    Namespace, very old files nothing)."""
-    args = checkpoint.get('args')
+    Namespace, very old files and bare weights nothing)."""
+    args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
     if isinstance(args, argparse.Namespace):
         return vars(args)
     return dict(args) if isinstance(args, Mapping) else {}
@@ -221,7 +446,7 @@ def find_resume_checkpoint(run_dir: str, logger=None):
     starting from scratch would overwrite them, and they may be all that is left of a long run.
     """
     candidates = [os.path.join(run_dir, name) for name in CHECKPOINT_FILES]
-    candidates += sorted(glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar')))
+    candidates += sorted(glob.glob(os.path.join(run_dir, HISTORY_FILE.format(epoch='*'))))
     best, unreadable = None, []
     for path in candidates:
         if not os.path.isfile(path):
@@ -242,9 +467,27 @@ def find_resume_checkpoint(run_dir: str, logger=None):
     return best
 
 
+def find_checkpoint(resume: Optional[str], search_dir: Optional[str], logger, for_eval: bool = False):
+    """(path, checkpoint) that --resume names, or (None, None) when there is none to resume.
+
+    resume: a path, 'auto' (the newest complete checkpoint in `search_dir`: the run dir, or for
+    evaluation --output/--experiment) or None. For evaluation 'auto' must find one.
+    """
+    if resume == 'auto':
+        found = find_resume_checkpoint(search_dir, logger)
+        if found is None and for_eval:
+            raise CheckpointError(f'no checkpoint to evaluate in {search_dir!r}')
+        if found is None:
+            logger.info(f'--resume auto: no checkpoint in {search_dir}, starting from scratch')
+        return found or (None, None)
+    if resume:
+        return resume, read_training_checkpoint(resume)
+    return None, None
+
+
 def training_state(model, optimizer, scheduler, precision, model_ema, arch: str, run_args: dict,
                    class_to_idx: dict, train_samples: Optional[int] = None) -> dict:
-    """The keys every checkpoint of a training run holds; CheckpointSaver adds epoch, metric and history.
+    """The keys every checkpoint of a training run holds; RunCheckpoints adds epoch, metric and history.
 
     `run_args` is the command line as a plain dict (weights_only loading accepts nothing else).
     `train_samples`, the size of the training set, lets a resumed run see that the dataset changed.
@@ -260,148 +503,21 @@ def training_state(model, optimizer, scheduler, precision, model_ema, arch: str,
     return state
 
 
-@dataclass
-class ResumePoint:
-    """Where a run continues: its first epoch, the saver's (metric, epoch) best and history, and for a
-    recovery checkpoint the position inside that epoch (utils.preemption.recovery_record)."""
-    epoch: int = 0
-    best: Optional[tuple] = None
-    history: Optional[list] = None
-    recovery: Optional[dict] = None
-
-
-def _same_kind(expected, found) -> bool:
-    if _is_number(expected) or isinstance(expected, bool):
-        return _is_number(found) or isinstance(found, bool)
-    if expected is None or found is None:
-        return True  # optional settings (e.g. foreach=None) may be set either way
-    if isinstance(expected, (list, tuple)):
-        return isinstance(found, (list, tuple))
-    return isinstance(found, type(expected)) or isinstance(expected, type(found))
-
-
-def _mismatches(expected: Mapping, found: Mapping, where: str) -> list:
-    """Settings that `found` holds as another kind of value than a freshly built state (a list for a number...)."""
-    return [f'{where}{key} is {_summary(found[key])}' for key, value in expected.items()
-            if key != 'params' and key in found and not _same_kind(value, found[key])]
-
-
-def _load_state(what: str, target, state, path: str, hint: str = '') -> None:
-    """target.load_state_dict(state), refusing a state that does not have the shape of target's own.
-
-    Keys a state lacks are fine where the class fills them in (newer torch/timm versions add settings with
-    defaults); an optimizer whose groups still lack a setting after loading was saved by another class.
-    """
-    fresh = target.state_dict()
-    problems = []
-    if isinstance(fresh, Mapping) and isinstance(state, Mapping):
-        if what == 'optimizer':
-            groups, saved = fresh.get('param_groups', []), state.get('param_groups', [])
-            if len(groups) != len(saved):
-                problems.append(f'{len(saved)} parameter groups instead of {len(groups)}')
-            for i, (group, saved_group) in enumerate(zip(groups, saved)):
-                problems += _mismatches(group, saved_group, f'group {i}: ')
-        else:
-            problems += _mismatches(fresh, state, '')
-    if not problems:
-        try:
-            target.load_state_dict(state)
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as error:
-            problems.append(f'{type(error).__name__}: {error}')
-    if not problems and what == 'optimizer':
-        problems = [f'group {i}: {key} is missing' for i, (group, loaded) in
-                    enumerate(zip(fresh['param_groups'], target.param_groups)) for key in group if key not in loaded]
-    if problems:
-        raise CheckpointError(f'the {what} state in {path!r} does not fit this run\'s {type(target).__name__} '
-                              f'({"; ".join(problems[:4])}){hint}')
-
-
-def restore_training(checkpoint: dict, path: str, model, optimizer, scheduler, precision, model_ema,
-                     class_to_idx: dict, run_dir: Optional[str], logger, keep_schedule: bool = True,
-                     weights_only: bool = False, train_samples: Optional[int] = None) -> ResumePoint:
-    """Load a training checkpoint (checked by read_training_checkpoint) into the run; a checkpoint of
-    another model or dataset is refused.
-
-    weights_only: evaluation, which needs neither the optimizer nor the schedule. keep_schedule=False
-    (the schedule options changed) leaves the new scheduler as built. train_samples: the size of the
-    training set now; a recovery point inside an epoch is only found again in the same training set.
-    """
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
-                  for k, v in checkpoint['state_dict'].items()}
-    saved_classes = checkpoint.get('class_to_idx')
-    if saved_classes is not None and class_to_idx is not None and saved_classes != class_to_idx:
-        if weights_only and set(saved_classes) == set(class_to_idx):
-            # Evaluation only needs each output to be the dataset's class of its name (models.weights).
-            head = {k: state_dict[k] for k in HEAD_KEYS if k in state_dict}
-            try:
-                notes = align_head_to_classes(head, dict(saved_classes), class_to_idx, path, require_head=True)
-            except ValueError as error:
-                raise CheckpointError(str(error)) from None
-            state_dict.update(head)
-            for note in notes:
-                logger.info(note)
-        else:
-            same = set(saved_classes) == set(class_to_idx)
-            raise CheckpointError(
-                f'{path!r} numbers its classes in another order than the dataset (its class folders sort '
-                'differently); training cannot continue on other class numbers: use the dataset it was trained on'
-                if same else f'{path!r} was trained on classes {sorted(saved_classes)[:10]} '
-                f'but the dataset has {sorted(class_to_idx)[:10]}: use the matching --data_path')
-    try:
-        model.load_state_dict(state_dict)
-        if model_ema is not None and checkpoint.get('state_dict_ema') is not None:
-            model_ema.module.load_state_dict(checkpoint['state_dict_ema'])
-        elif model_ema is not None:  # a run without --model-ema before: the average starts from these weights
-            model_ema.module.load_state_dict(model.state_dict())
-            logger.info(f'{path!r} holds no EMA weights: the EMA starts from its weights')
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f'{path!r} (arch {checkpoint.get("arch")!r}) does not fit --model '
-                              f'{getattr(model, "pretrained_cfg", {}).get("architecture", "?")}: {first_line}') from None
-    recovery = None if weights_only else checkpoint.get('recovery')
-    if recovery is not None and train_samples is not None:
-        _check_same_training_set(checkpoint, path, recovery, train_samples)
-    if not weights_only:
-        saved_opt = run_options(checkpoint).get('opt')
-        _load_state('optimizer', optimizer, checkpoint['optimizer'], path,
-                    f'; it was written with --opt {saved_opt}' if saved_opt else '')
-        if precision.checkpoint_key and checkpoint.get(precision.checkpoint_key) is not None:
-            _load_state('loss scaler', precision, checkpoint[precision.checkpoint_key], path)
-        if checkpoint.get('scheduler'):
-            if keep_schedule:
-                _load_state('scheduler', scheduler, checkpoint['scheduler'], path)
-            else:
-                logger.info('schedule options differ from the checkpoint\'s: following the new ones')
-    same_dir = run_dir and os.path.abspath(os.path.dirname(path)) == os.path.abspath(run_dir)
-    logger.info(f'resumed from {path} (epoch {checkpoint["epoch"]} done)')
-    return ResumePoint(
-        epoch=checkpoint['epoch'] + 1,
-        best=(checkpoint['best_metric'], checkpoint['best_epoch'])
-        if checkpoint.get('best_metric') is not None and checkpoint.get('best_epoch') is not None else None,
-        # The checkpoint-<epoch> files listed in the history exist only in the checkpoint's own run dir.
-        history=checkpoint.get('checkpoint_history') if same_dir else None,
-        recovery=recovery)
-
-
-def _check_same_training_set(checkpoint: dict, path: str, recovery: dict, train_samples: int) -> None:
-    """A recovery point names a position in the epoch's order of the training set; in a training set of
-    another size that order is another one, so the position is lost (CheckpointError saying what to do)."""
-    saved = checkpoint.get('train_samples')
-    if (saved is None or saved == train_samples) and recovery['samples_seen'] <= train_samples:
-        return
-    was = f'a training set of {saved} images' if saved is not None else 'the training set'
-    last = os.path.join(os.path.dirname(path), 'last.pth.tar')
-    way_out = (f'or continue from the end of epoch {checkpoint["epoch"]} with --resume {last} (the steps of '
-               f'epoch {recovery["epoch"]} done since are lost)' if checkpoint['epoch'] >= 0 and os.path.isfile(last)
-               else 'or move the run dir away and start over')
-    raise CheckpointError(
-        f'{path!r} stopped after {recovery["samples_seen"]} images of epoch {recovery["epoch"]} of {was}, but the '
-        f'training set now holds {train_samples}: the images not yet seen in that epoch cannot be found again. '
-        f'Restore the training set of that run, {way_out}')
+def nonfinite_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> List[str]:
+    """Names of the floating-point tensors holding a NaN or inf, with one device-to-host copy per device."""
+    by_device = {}
+    for name, tensor in named_tensors:
+        if torch.is_tensor(tensor) and (tensor.is_floating_point() or tensor.is_complex()):
+            by_device.setdefault(tensor.device, []).append((name, torch.isfinite(tensor).all()))
+    bad = []
+    for pairs in by_device.values():
+        finite = torch.stack([flag for _, flag in pairs]).tolist()
+        bad += [name for (name, _), ok in zip(pairs, finite) if not ok]
+    return bad
 
 
 def _refuse_nonfinite(state: dict, what: str) -> None:
-    """The saver's own guard (training checks every rank first, utils.nonfinite.check_finite_state): a state
+    """The saver's own guard (training checks every rank first, utils.engine.check_finite_state): a state
     with NaN or inf weights or statistics is never written, so it can never replace a good file."""
     bad = nonfinite_tensors((state.get('state_dict') or {}).items())
     bad += [f'EMA {name}' for name in nonfinite_tensors((state.get('state_dict_ema') or {}).items())]
@@ -410,8 +526,13 @@ def _refuse_nonfinite(state: dict, what: str) -> None:
                                   f'{" ..." if len(bad) > 5 else ""}); the checkpoints already written are kept')
 
 
-class CheckpointSaver:
-    """Writes last/best/history checkpoints of one run, keeping the best `max_history` epochs."""
+def recovery_path(run_dir: str) -> str:
+    return os.path.join(run_dir, RECOVERY_FILE)
+
+
+class RunCheckpoints:
+    """Writes the checkpoints of one run (last, best, the best `max_history` epochs, recovery points);
+    rank 0 only. (Not timm's CheckpointSaver: this one is given the state to save.)"""
 
     def __init__(self, run_dir: str, max_history: int = 10, history=None, best=None):
         self.run_dir = run_dir
@@ -421,7 +542,7 @@ class CheckpointSaver:
         self.best = tuple(best) if best else None  # (metric, epoch)
 
     def _history_path(self, epoch):
-        return os.path.join(self.run_dir, f'checkpoint-{epoch}.pth.tar')
+        return os.path.join(self.run_dir, HISTORY_FILE.format(epoch=epoch))
 
     def save(self, state: dict, epoch: int, metric: float):
         """Save epoch `epoch` (whose metric is higher-is-better); returns the best (metric, epoch)."""
@@ -440,7 +561,7 @@ class CheckpointSaver:
         self.history = history
         state = dict(state, epoch=epoch, metric=metric, best_metric=self.best[0], best_epoch=self.best[1],
                      checkpoint_history=[list(h) for h in self.history])
-        last = os.path.join(self.run_dir, 'last.pth.tar')
+        last = os.path.join(self.run_dir, LAST_FILE)
         atomic_save(state, last)
         if keep_in_history:
             atomic_copy(last, self._history_path(epoch))
@@ -448,17 +569,17 @@ class CheckpointSaver:
             if os.path.exists(self._history_path(old_epoch)):
                 os.remove(self._history_path(old_epoch))
         if is_best:
-            atomic_copy(last, os.path.join(self.run_dir, 'model_best.pth.tar'))
+            atomic_copy(last, os.path.join(self.run_dir, BEST_FILE))
         if os.path.exists(self.recovery_path):  # a point inside this epoch, superseded now
             os.remove(self.recovery_path)
         return self.best
 
     @property
     def recovery_path(self) -> str:
-        return os.path.join(self.run_dir, RECOVERY_FILE)
+        return recovery_path(self.run_dir)
 
     def save_recovery(self, state: dict, epoch: int, record: dict) -> str:
-        """Write the recovery checkpoint of a point inside `epoch` (record: utils.preemption.recovery_record);
+        """Write the recovery checkpoint of a point inside `epoch` (record: utils.resume.recovery_record);
         it carries the best and the history so that a run resumed from it keeps them. Returns its path."""
         _refuse_nonfinite(state, f'the recovery point in epoch {epoch}')
         atomic_save(dict(state, epoch=epoch - 1, checkpoint_history=[list(h) for h in self.history],

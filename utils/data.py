@@ -1,63 +1,179 @@
-"""ImageFolder datasets, timm transforms, loaders, Mixup/CutMix and the loss that goes with them.
+"""The dataset of a run: its folder layout, ImageFolder datasets, sample order, loaders, Mixup/CutMix
+and the loss that goes with them.
 
-Training augmentation is made reproducible per image: the random state used to augment image i in
-epoch e depends only on (seed, e, i), so a resumed run, or a run with another number of workers,
-sees exactly the same images as an uninterrupted one, even with persistent workers.
+Layout. A wrong --data_path is the most common first error. Found late (after the model is built,
+or deep inside torchvision) it costs minutes and shows a traceback; `check_dataset_layout` finds it
+first and names the folder and what the layout must be:
+
+    DATA/train/<class>/<image>    DATA/val/<class>/<image>    (val/ may be named validation/)
+
+Only the first image of each class folder is looked for, and only the first image of each split is
+decoded (a split where none can be read would fail every evaluation), so the check takes well under
+a second even on ImageNet's 1.28 million files. Which files count as images, and how folders are
+walked, is utils.images' rule (the dataset listing uses the same).
+
+Sample order. The order of epoch `e` is a permutation drawn from `seed + e` alone, so any process
+can rebuild it (`ResumableSampler`). Ranks take interleaved slices (rank r gets positions r, r+W,
+r+2W, ... like DistributedSampler), which means that after k steps of batch B on W ranks exactly the
+first k*B*W positions of the permutation have been used, whatever W and B were. A resumed run skips
+exactly those positions: no sample is repeated or left out, even when it resumes with a different
+number of devices. Started at position 0 it yields exactly what torch's DistributedSampler yields.
+
+Augmentation. Training augmentation is made reproducible per image: the random state used to
+augment image i in epoch e depends only on (seed, e, i) (`SeededPerImage`), so a resumed run, or a
+run with another number of workers, sees exactly the same images as an uninterrupted one, even with
+persistent workers.
 """
 import logging
 import math
 import os
 import random
-from dataclasses import dataclass
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from utils.data_layout import class_folders
-from utils.images import RobustImageFolder, SkipCounter, collate_samples
-from utils.logger import LOGGER_NAME
-from utils.preemption import leave_stop_signals_to_parent, stop_signals_held
-from utils.rng_state import torch_seed
-from utils.sampler import ResumableSampler
+from utils.errors import BadImageError, DatasetError
+from utils.images import (DataConfig, RobustImageFolder, SkipCounter, class_folders, collate_samples, eval_transform,
+                          image_files, is_folder, load_rgb, visible_entries)
+from utils.reporting import LOGGER_NAME
+from utils.resume import leave_stop_signals_to_parent, stop_signals_held, torch_seed
 
 VAL_DIR_NAMES = ('val', 'validation')
+LAYOUT_HELP = "expected DATA/train/<class>/<image> and DATA/val/<class>/<image> (val/ may be named validation/)"
 
 
-class DatasetError(ValueError):
-    """The dataset folder is missing or malformed; the message says what to fix."""
+# ---------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------
+class DatasetLayout(NamedTuple):
+    train_dir: Optional[Path]  # None when only evaluation was asked for
+    val_dir: Path
+    classes: List[str]
 
 
-@dataclass
-class DataConfig:
-    """Preprocessing of the model (timm's resolve_data_config output, possibly overridden by flags)."""
-    input_size: tuple
-    interpolation: str
-    mean: tuple
-    std: tuple
-    crop_pct: float
+def find_split_dirs(data_path: Optional[str], need_train: bool = True) -> Tuple[Optional[str], str]:
+    """(train_dir, val_dir) under the dataset root; val may be called val/ or validation/ (VAL_DIR_NAMES).
+    need_train=False (evaluation only): train_dir is None when there is no train/."""
+    if not data_path:
+        raise DatasetError(f"no dataset given: pass --data_path DATA where {LAYOUT_HELP}")
+    root = Path(data_path).expanduser()
+    if not root.exists():
+        raise DatasetError(f"--data_path {data_path} does not exist; {LAYOUT_HELP}")
+    if not root.is_dir():
+        raise DatasetError(f"--data_path {data_path} is a file, not a folder; {LAYOUT_HELP}")
+    train_dir = root / "train"
+    val_dir = next((root / name for name in VAL_DIR_NAMES if (root / name).is_dir()), None)
+    missing = [name for name, present in (("train/", train_dir.is_dir() or not need_train), ("val/", val_dir is not None))
+               if not present]
+    if missing:
+        with os.scandir(root) as it:
+            found = ", ".join(e.name for e in visible_entries(it)[:10]) or "nothing"
+        raise DatasetError(f"{root} has no {' and no '.join(missing)} folder (it holds: {found}); {LAYOUT_HELP}")
+    return (str(train_dir) if train_dir.is_dir() else None), str(val_dir)
 
 
-def find_split_dirs(data_path: str):
-    """(train_dir, val_dir) under the dataset root; val may be called val/ or validation/."""
-    if not os.path.isdir(data_path):
-        raise DatasetError(f'dataset folder {data_path!r} does not exist; pass --data_path DIR '
-                           'with DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg')
-    train_dir = os.path.join(data_path, 'train')
-    val_dirs = [os.path.join(data_path, name) for name in VAL_DIR_NAMES]
-    val_dir = next((d for d in val_dirs if os.path.isdir(d)), None)
-    if not os.path.isdir(train_dir):
-        raise DatasetError(f'{train_dir!r} does not exist: the dataset root must hold train/ and val/ '
-                           '(one sub-folder of images per class)')
-    if val_dir is None:
-        raise DatasetError(f'neither {val_dirs[0]!r} nor {val_dirs[1]!r} exists: the dataset root must '
-                           'hold train/ and val/ (one sub-folder of images per class)')
-    return train_dir, val_dir
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str], train_dir, val_dir) -> None:
+    """Class indices come from the sorted folder names, so both splits must hold the same class folders."""
+    if sorted(train_classes) == sorted(val_classes):
+        return
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    details = "; ".join(
+        f"only in {split}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        for split, names in (("train/", only_train), (Path(val_dir).name + "/", only_val)) if names)
+    raise DatasetError(
+        f"train/ and {Path(val_dir).name}/ of {Path(train_dir).parent} have different classes ({details}); class "
+        "indices come from the sorted folder names, so both splits need the same class folders")
 
 
+def _check_readable(split_dir: Path, classes: List[str]) -> None:
+    """At least one image of the split must decode: otherwise every evaluation (or training step)
+    would fail after minutes or hours of work. Stops at the first readable image, so it costs one
+    decode unless the split is broken."""
+    tried, first_error = 0, None
+    for cls in classes:
+        for path in image_files(str(split_dir / cls)):
+            try:
+                load_rgb(path)
+                return
+            except BadImageError as e:
+                tried += 1
+                first_error = first_error or e
+    raise DatasetError(
+        f"no image in {split_dir} can be read: all {tried} image files fail (first: {first_error}); "
+        "fix or replace them, or check the disk")
+
+
+def _has_image(folder: str) -> bool:
+    """True as soon as one image file is found anywhere below `folder` (ImageFolder looks recursively)."""
+    return next(image_files(folder), None) is not None
+
+
+def _class_folders(split_dir: Path) -> List[str]:
+    try:
+        with os.scandir(split_dir) as it:
+            entries = visible_entries(it)
+    except OSError as e:
+        raise DatasetError(f"cannot read {split_dir}: {e.strerror}") from None
+    files = [e.name for e in entries if not is_folder(e, split_dir)]
+    if files:
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DatasetError(
+            f"{split_dir} holds files directly ({shown}); put every image in a folder named after its class: "
+            f"{split_dir}/<class>/<image> ({LAYOUT_HELP})")
+    classes = [e.name for e in entries]
+    if not classes:
+        raise DatasetError(f"{split_dir} has no class folders; {LAYOUT_HELP}")
+    empty = [c for c in classes if not _has_image(str(split_dir / c))]
+    if len(empty) == len(classes):
+        raise DatasetError(
+            f"no images in {split_dir}: none of its {len(classes)} class folders holds a file with an image "
+            f"extension ({', '.join(IMG_EXTENSIONS)})")
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DatasetError(
+            f"{len(empty)} class folder(s) in {split_dir} hold no images: {shown}; add images or remove the "
+            "folder(s) (also from the other split, so both have the same classes)")
+    return classes
+
+
+def check_dataset_layout(data_path: Optional[str], need_train: bool = True) -> DatasetLayout:
+    """Return the train/val folders and class names of `data_path`, or raise DatasetError.
+
+    need_train=False (evaluation only) checks just the validation split.
+    """
+    train_dir, val_dir = find_split_dirs(data_path, need_train)
+    val_dir = Path(val_dir)
+    if not need_train:
+        val_classes = _class_folders(val_dir)
+        _check_readable(val_dir, val_classes)
+        return DatasetLayout(None, val_dir, val_classes)
+    train_dir = Path(train_dir)
+    train_classes = _class_folders(train_dir)
+    val_classes = _class_folders(val_dir)
+    check_same_classes(train_classes, val_classes, train_dir, val_dir)
+    _check_readable(train_dir, train_classes)
+    _check_readable(val_dir, val_classes)
+    return DatasetLayout(train_dir, val_dir, train_classes)
+
+
+def find_class_map(train_dir: str) -> Dict[str, int]:
+    """Class folder -> index, as RobustImageFolder assigns them (sorted names), without listing images."""
+    classes, _ = class_folders(train_dir)
+    if not classes:
+        raise DatasetError(f'no class folders in {train_dir!r}')
+    return {name: index for index, name in enumerate(classes)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
 def _image_folder(root: str, transform, on_bad: str, strict: bool) -> RobustImageFolder:
     try:
         return RobustImageFolder(root, transform=transform, on_bad=on_bad, strict=strict)
@@ -66,14 +182,12 @@ def _image_folder(root: str, transform, on_bad: str, strict: bool) -> RobustImag
         raise DatasetError(f'cannot read images under {root!r}: {error}') from None
 
 
-def check_same_classes(train_classes: Dict[str, int], val_classes: Dict[str, int], train_dir, val_dir):
-    if train_classes == val_classes:
-        return
-    only_train = sorted(set(train_classes) - set(val_classes))
-    only_val = sorted(set(val_classes) - set(train_classes))
-    raise DatasetError(
-        f'{train_dir!r} and {val_dir!r} must contain the same class folders; '
-        f'only in train: {only_train[:10] or "none"}, only in val: {only_val[:10] or "none"}')
+def train_transform(data_config: DataConfig, augmentation: dict):
+    """timm's training transform at the model's input size and normalisation; `augmentation` holds
+    create_transform's augmentation kwargs (utils.options.train_augmentation: auto_augment, re_prob,
+    re_mode, re_count, color_jitter, interpolation, scale, ratio, hflip, vflip)."""
+    return create_transform(data_config.input_size, is_training=True, mean=data_config.mean, std=data_config.std,
+                            **augmentation)
 
 
 class SeededPerImage(Dataset):
@@ -106,6 +220,99 @@ class SeededPerImage(Dataset):
                 random.setstate(saved[0])
                 np.random.set_state(saved[1])
                 torch.set_rng_state(saved[2])
+
+
+def _report_left_out(folders, logger: logging.Logger) -> None:
+    """One line each for the hidden class-level folders and the looping links the listing left out."""
+    hidden = [os.path.join(f.root, name) for f in folders for name in f.hidden_folders]
+    if hidden:
+        logger.info(f'ignoring hidden folders (a name starting with "." is never a class): {", ".join(hidden[:5])}'
+                    + (f' and {len(hidden) - 5} more' if len(hidden) > 5 else ''))
+    loops = [link for f in folders for link in f.looping_links]
+    if loops:
+        logger.warning(f'not following {len(loops)} link(s) that lead back to a folder already listed or one above '
+                       f'it (each folder is listed once): {", ".join(loops[:5])}' + (' ...' if len(loops) > 5 else ''))
+
+
+def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, seed: int, with_train: bool = True,
+                   strict_data: bool = False):
+    """(train_set, val_set, class_to_idx); `train_aug`: augmentation kwargs of `train_transform`. Without `with_train`
+    (evaluation) the training images are not listed, only its class folders, and train_set is None.
+    Hidden folders and looping links left out of the listing are reported to the run's logger."""
+    logger = logging.getLogger(LOGGER_NAME)
+    train_dir, val_dir = find_split_dirs(data_path)
+    if not with_train:
+        val_folder = _image_folder(val_dir, eval_transform(data_config), 'drop', strict_data)
+        class_to_idx = find_class_map(train_dir)
+        check_same_classes(list(class_to_idx), list(val_folder.class_to_idx), train_dir, val_dir)
+        _report_left_out([val_folder], logger)
+        return None, val_folder, class_to_idx
+    # An unreadable training image is replaced by another sample (the batch stays full); an unreadable
+    # validation image is left out, so no image is counted twice. strict_data: stop at the first one.
+    train_folder = _image_folder(train_dir, train_transform(data_config, train_aug), 'substitute', strict_data)
+    val_folder = _image_folder(val_dir, eval_transform(data_config), 'drop', strict_data)
+    check_same_classes(list(train_folder.class_to_idx), list(val_folder.class_to_idx), train_dir, val_dir)
+    _report_left_out([train_folder, val_folder], logger)
+    return SeededPerImage(train_folder, seed), val_folder, dict(train_folder.class_to_idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample order and loaders
+# ---------------------------------------------------------------------------------------------
+class ResumableSampler(Sampler[int]):
+    """Per-epoch shuffled, rank-sharded order of sample indices that can start part-way.
+
+    Call `set_epoch(epoch, start=consumed)` before each epoch; `consumed` is the number of samples
+    all ranks together have already used in that epoch (0 for a fresh epoch). With drop_last the
+    tail that does not fill one step on every rank is left out (as the reference's drop_last
+    training loader does); otherwise it is padded with the epoch's first samples (as
+    DistributedSampler does; the training DataLoader's own drop_last then drops the partial batch).
+    """
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.num_samples = num_samples
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start {start} is outside 0..{self.num_samples} for a dataset of {self.num_samples} samples")
+        self.epoch = epoch
+        self.start = start
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator()
+        generator.manual_seed(torch_seed(self.seed + self.epoch))
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def _remaining_per_rank(self) -> int:
+        remaining = self.num_samples - self.start
+        if self.drop_last:
+            return remaining // self.num_replicas
+        return math.ceil(remaining / self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        remaining = order[self.start:]
+        per_rank = self._remaining_per_rank()
+        total = per_rank * self.num_replicas
+        if total > len(remaining):  # pad so every rank gets the same number of samples
+            padding = order[: total - len(remaining)]
+            remaining = torch.cat([remaining, padding])
+        return iter(remaining[self.rank:total:self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self._remaining_per_rank()
 
 
 class EpochTaggingSampler(Sampler):
@@ -145,59 +352,9 @@ class ShardWithoutPadding(Sampler):
         return len(self.indices)
 
 
-def find_class_map(train_dir: str) -> Dict[str, int]:
-    """Class folder -> index, as RobustImageFolder assigns them (sorted names), without listing images."""
-    classes, _ = class_folders(train_dir)
-    if not classes:
-        raise DatasetError(f'no class folders in {train_dir!r}')
-    return {name: index for index, name in enumerate(classes)}
-
-
-def _report_left_out(folders, logger: logging.Logger) -> None:
-    """One line each for the hidden class-level folders and the looping links the listing left out."""
-    hidden = [os.path.join(f.root, name) for f in folders for name in f.hidden_folders]
-    if hidden:
-        logger.info(f'ignoring hidden folders (a name starting with "." is never a class): {", ".join(hidden[:5])}'
-                    + (f' and {len(hidden) - 5} more' if len(hidden) > 5 else ''))
-    loops = [link for f in folders for link in f.looping_links]
-    if loops:
-        logger.warning(f'not following {len(loops)} link(s) that lead back to a folder already listed or one above '
-                       f'it (each folder is listed once): {", ".join(loops[:5])}' + (' ...' if len(loops) > 5 else ''))
-
-
-def build_datasets(data_path: str, data_config: DataConfig, train_aug: dict, seed: int, with_train: bool = True,
-                   strict_data: bool = False):
-    """(train_set, val_set, class_to_idx); `train_aug` holds timm create_transform kwargs for training
-    (auto_augment, re_prob, re_mode, re_count, color_jitter, interpolation). Without `with_train`
-    (evaluation) the training images are not listed, only its class folders, and train_set is None.
-    Hidden folders and looping links left out of the listing are reported to the run's logger."""
-    logger = logging.getLogger(LOGGER_NAME)
-    train_dir, val_dir = find_split_dirs(data_path)
-    if not with_train:
-        val_folder = _image_folder(val_dir, create_transform(
-            data_config.input_size, is_training=False, interpolation=data_config.interpolation,
-            mean=data_config.mean, std=data_config.std, crop_pct=data_config.crop_pct), 'drop', strict_data)
-        class_to_idx = find_class_map(train_dir)
-        check_same_classes(class_to_idx, val_folder.class_to_idx, train_dir, val_dir)
-        _report_left_out([val_folder], logger)
-        return None, val_folder, class_to_idx
-    train_transform = create_transform(
-        data_config.input_size, is_training=True, mean=data_config.mean, std=data_config.std, **train_aug)
-    val_transform = create_transform(
-        data_config.input_size, is_training=False, interpolation=data_config.interpolation,
-        mean=data_config.mean, std=data_config.std, crop_pct=data_config.crop_pct)
-    # An unreadable training image is replaced by another sample (the batch stays full); an unreadable
-    # validation image is left out, so no image is counted twice. strict_data: stop at the first one.
-    train_folder = _image_folder(train_dir, train_transform, 'substitute', strict_data)
-    val_folder = _image_folder(val_dir, val_transform, 'drop', strict_data)
-    check_same_classes(train_folder.class_to_idx, val_folder.class_to_idx, train_dir, val_dir)
-    _report_left_out([train_folder, val_folder], logger)
-    return SeededPerImage(train_folder, seed), val_folder, dict(train_folder.class_to_idx)
-
-
 class StopSignalSafeLoader(DataLoader):
     """DataLoader whose worker processes leave SIGTERM/SIGINT sent to the whole process group to the
-    main process, which saves a recovery point before it stops (utils.preemption)."""
+    main process, which saves a recovery point before it stops (utils.resume)."""
 
     def __init__(self, dataset: Dataset, **kwargs):
         super().__init__(dataset, worker_init_fn=leave_stop_signals_to_parent, **kwargs)

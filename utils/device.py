@@ -1,6 +1,6 @@
 """Device and distributed setup, resolved once at start, and the table of what differs per device.
 
-Everything after `init_distributed_device` only sees a `torch.device` and a `DistEnv`; the NPU
+Everything after `setup_device` only sees a `torch.device` and a `DistEnv`; the NPU
 gate (importing torch_npu) lives here and nowhere else, and so does the host memory allocator
 setting of CPU training (`keep_freed_host_memory`). Every choice that depends on the kind of device
 (backend, AMP dtype, loss scaler, fused optimizer, pinning, memory formats, reducible dtypes) is one
@@ -20,11 +20,9 @@ from typing import Callable, FrozenSet, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from utils.errors import DeviceError
+
 DEVICE_CHOICES = ('auto', 'npu', 'cuda', 'cpu')
-
-
-class DeviceError(RuntimeError):
-    """The requested device cannot be used on this machine."""
 
 
 def _torch_grad_scaler(device_type: str, init_scale: Optional[float]):
@@ -182,6 +180,25 @@ def resolve_device_type(requested: str = 'auto') -> str:
     return requested
 
 
+def resolve_device(name: str = 'auto') -> torch.device:
+    """The torch.device a user names for one process (the tools' --device): auto (NPU, then CUDA, then CPU,
+    as `resolve_device_type`), cpu, cuda[:N] or npu[:N]; DeviceError when this machine does not have it.
+    Training resolves its device with `setup_device`, which also takes the local rank's."""
+    kind, _, index = str(name).partition(':')
+    if kind not in DEVICE_CHOICES or (index and kind == 'auto'):
+        raise DeviceError(f'{name!r}: use auto, cpu, cuda[:N] or npu[:N]')
+    device_type = resolve_device_type(kind)  # imports torch_npu for npu, which makes 'npu' a device type
+    try:
+        device = torch.device(f'{device_type}:{index}' if index else device_type)
+    except RuntimeError as error:
+        raise DeviceError(f'{name!r} is not a device ({error})') from None
+    if device.index is not None and device_type != 'cpu':
+        count = getattr(torch, device_type).device_count()
+        if device.index >= count:
+            raise DeviceError(f'{name!r}: this machine has {count} {device_type} device(s), numbered from 0')
+    return device
+
+
 def check_memory_format(device, channels_last: bool) -> None:
     """DeviceError when --channels-last asks for a memory format the device does not support."""
     if channels_last and torch.channels_last not in device_kind(device).memory_formats:
@@ -271,8 +288,9 @@ def _restart_store(world_size: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", shared)
 
 
-def init_distributed_device(device: str = 'auto', local_rank: int = -1, timeout_s: float = 600) -> DistEnv:
-    """Pick the device and, when launched with several processes, join the process group.
+def setup_device(device: str = 'auto', local_rank: int = -1, timeout_s: float = 600) -> DistEnv:
+    """Pick the device and, when launched with several processes, join the process group. (Not timm's
+    init_distributed_device, which takes the argparse namespace and returns a device.)
 
     The backend follows the device (hccl, nccl, gloo). Multi-node runs need nothing extra: torchrun's
     --nnodes/--node_rank/--master_addr arrive as RANK/WORLD_SIZE/MASTER_ADDR in the environment.
@@ -344,6 +362,14 @@ def is_peer_failure(error: BaseException) -> bool:
         return True
     text = str(error)
     return dist.is_available() and dist.is_initialized() and any(sign in text for sign in PEER_LOSS_SIGNS)
+
+
+def peer_failure_message(error: BaseException) -> str:
+    """What to tell the user when `is_peer_failure(error)`: this process lost the others, whose output says why."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (f'process {os.environ.get("RANK", "?")} lost contact with the others ({first_line}); another process '
+            'probably failed or hangs, see its output. Finished epochs are kept: fix the cause and run again with '
+            '--resume auto')
 
 
 def cleanup_distributed() -> None:

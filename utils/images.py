@@ -1,4 +1,5 @@
-"""Image decoding that turns every readable file into RGB and every unreadable one into a clear error.
+"""Images: which files are images, how each decodes into RGB (or one clear error), the ImageFolder that
+survives broken files, and the one evaluation preprocessing.
 
 Large datasets always contain a few broken files. `load_rgb` decides, for one file, whether it can be
 used and how it becomes an 8-bit RGB image; `RobustImageFolder` uses it so that a broken file costs
@@ -20,12 +21,21 @@ Decisions (each one documented here because it changes the pixels the model sees
 - More elongated than MAX_ASPECT_RATIO : 1 (a 2,000,000 x 1 strip, a 2 KB PNG): bad, without decoding.
   The pixel limit does not see what preprocessing will cost: the resize for the model scales the
   shorter side to the input size (248 px for 224 inputs), which would make that strip 496 million
-  x 248 pixels, tens of GB. `check_image_size` is the rule; prediction (tools/predict.py) uses it too.
+  x 248 pixels, tens of GB. `check_image_size` is the rule.
+
+Which files are images, for the dataset check (utils.data) and the listing alike: names starting
+with '.' are never classes or images, and links are followed without ever looping (`walk_folder`).
+
+Preprocessing for evaluation is one function, `eval_transform` of a `DataConfig` (the model's input
+size, interpolation, mean, std and crop, `resolve_eval_config`): validation in training, --eval and
+tools/predict.py all decode with `load_rgb` and apply it, so a prediction sees the pixels evaluation
+sees (tools/export_onnx.py states the same config for the exported graph's input).
 """
 import logging
 import os
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +44,7 @@ from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from utils.data_layout import class_folders, walk_folder
+from utils.errors import BadImageError, DatasetError, UnreadableDatasetError
 
 _logger = logging.getLogger(__name__)
 
@@ -47,23 +57,6 @@ MAX_CONSECUTIVE_BAD = 50
 MAX_ASPECT_RATIO = 100
 
 _WHITE = (255, 255, 255)
-
-
-class BadImageError(RuntimeError):
-    """A file that cannot be used as a training or validation image."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-    def __reduce__(self):  # travels from a DataLoader worker to the main process (see Sample.error)
-        return type(self), (self.path, self.reason)
-
-
-class UnreadableDatasetError(BadImageError):
-    """So many files cannot be read (MAX_CONSECUTIVE_BAD in a row, or a whole split) that the dataset
-    or the disk, not a file, is broken. `path` is the folder."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -125,6 +118,132 @@ def load_rgb(path: str) -> Image.Image:
         raise BadImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
 
 
+def is_hidden(name: str) -> bool:
+    """Names starting with '.' (.ipynb_checkpoints, .DS_Store, macOS's ._* files) are never classes
+    or images: such folders and files are left out everywhere (this check and the dataset listing)."""
+    return name.startswith(".")
+
+
+def visible_entries(entries):
+    """The entries of a scandir whose names are not hidden, sorted by name."""
+    return sorted((e for e in entries if not is_hidden(e.name)), key=lambda e: e.name)
+
+
+def is_folder(entry: os.DirEntry, split_dir) -> bool:
+    """entry.is_dir(), following links; a link that loops back on itself is a clear error."""
+    try:
+        return entry.is_dir()
+    except OSError as e:  # ELOOP: a link to itself (class -> class) can never be opened
+        raise DatasetError(
+            f"cannot open {os.path.join(split_dir, entry.name)}: {e.strerror} (a symbolic link that loops back on "
+            "itself?); make it a folder of images or a link to one, or remove it") from None
+
+
+def class_folders(split_dir) -> Tuple[List[str], List[str]]:
+    """(class names, hidden folder names) of a split folder: its visible sub-folders (links to folders
+    count, as in torchvision's ImageFolder), sorted, and the hidden ones, which are never classes.
+    Files directly in the split are not classes either (check_dataset_layout reports them)."""
+    try:
+        with os.scandir(split_dir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise DatasetError(f"cannot read {split_dir}: {e.strerror}") from None
+    folders = [e for e in entries if is_folder(e, split_dir)]
+    return ([e.name for e in folders if not is_hidden(e.name)], [e.name for e in folders if is_hidden(e.name)])
+
+
+def _folder_key(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_folder(folder: str, loops: Optional[list] = None) -> Iterator[Tuple[str, List[str]]]:
+    """Yield (path, sorted names of its visible entries that are not folders) for `folder` and every
+    visible folder below it, depth first in name order.
+
+    Links are followed, as ImageFolder does, but never into a folder already walked or one that holds
+    `folder` (a link to '.', '..' or any folder above loops: ImageFolder would walk it until the
+    system's link limit and list the same images 40 times). Such links are appended to `loops`.
+    """
+    # Every folder above `folder` counts as walked, so that a link back up is seen as the loop it is.
+    real = os.path.realpath(folder)
+    seen = {key for key in map(_folder_key, _parents(real)) if key is not None}
+    stack = [folder]
+    while stack:
+        path = stack.pop()
+        key = _folder_key(path)
+        if key is None:
+            continue
+        if key in seen:
+            if loops is not None:
+                loops.append(path)
+            continue
+        seen.add(key)
+        try:
+            with os.scandir(path) as it:
+                entries = visible_entries(it)
+        except OSError:
+            continue  # unreadable folder: skipped, as os.walk does
+        folders, files = [], []
+        for entry in entries:
+            try:
+                entry_is_folder = entry.is_dir()
+            except OSError:  # a link looping on itself: a file that will not decode
+                entry_is_folder = False
+            (folders if entry_is_folder else files).append(entry.name)
+        yield path, files
+        stack.extend(os.path.join(path, name) for name in reversed(folders))
+
+
+def _parents(path: str):
+    parent = os.path.dirname(path)
+    while parent != path:
+        yield parent
+        path, parent = parent, os.path.dirname(parent)
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not is_hidden(name)
+
+
+def image_files(folder: str):
+    """Image file paths below `folder`, in walk order (lazy: the first one comes at once)."""
+    for path, files in walk_folder(folder):
+        for name in files:
+            if is_image_file(name):
+                yield os.path.join(path, name)
+
+
+@dataclass
+class DataConfig:
+    """Preprocessing of the model (timm's resolve_data_config output, possibly overridden by options)."""
+    input_size: tuple
+    interpolation: str
+    mean: tuple
+    std: tuple
+    crop_pct: float
+
+
+def resolve_eval_config(model, overrides: Optional[Mapping] = None) -> DataConfig:
+    """The model's preprocessing (its pretrained_cfg) with `overrides` in timm's resolve_data_config terms
+    (img_size or input_size, crop_pct, mean, std, interpolation; None keeps the model's value)."""
+    from timm.data import resolve_data_config
+    config = resolve_data_config(dict(overrides or {}), model=model)
+    return DataConfig(config['input_size'], config['interpolation'], config['mean'], config['std'],
+                      config['crop_pct'])
+
+
+def eval_transform(config: DataConfig) -> Callable:
+    """The one evaluation preprocessing of a decoded image (`load_rgb`): resize to input / crop_pct,
+    center crop, normalise (timm's eval transform)."""
+    from timm.data import create_transform
+    return create_transform(config.input_size, is_training=False, interpolation=config.interpolation,
+                            mean=config.mean, std=config.std, crop_pct=config.crop_pct)
+
+
 class Sample(tuple):
     """(image, target), exactly what ImageFolder returns, plus attributes for collate_samples:
     `bad_files` holds 'path: reason' when the requested file was unreadable; `valid` is False for a
@@ -159,7 +278,7 @@ class RobustImageFolder(ImageFolder):
     Folders and files are listed as ImageFolder lists them, in the same order, except that hidden
     ones (names starting with '.') are left out (`hidden_folders` names those at the class level) and
     links are never followed into a folder listed already or one above (`looping_links`), see
-    utils.data_layout.walk_folder.
+    `walk_folder`.
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None, on_bad: str = "substitute",

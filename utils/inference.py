@@ -3,29 +3,29 @@
 tools/export_onnx.py and tools/predict.py accept every file the models package reads (main.py's
 training checkpoints, the official `{'state_dict': ...}` release, timm/Ascend-port checkpoints,
 HuggingFace files). Besides the weights they need what the file says about the run: the variant
-(`arch`, or `args['model']`), the class names (`class_to_idx`) and the image size (`args`). This
-module collects those in one place so both tools agree on them.
+(`arch`, or `args['model']`), the class names (`class_to_idx`) and the eval preprocessing options
+(`args`). This module collects those in one place so both tools agree on them, and `eval_preprocessing`
+turns them into the evaluation's own transform (utils.images.eval_transform), so that prediction and
+the exported graph's input are what evaluation uses.
 
 Files are read only through `models.weights` (`safe_load`, `extract_state_dict`, and timm's
 `pretrained=True` path that calls `load_pretrained`), so an unsafe pickle is refused here as well.
 """
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple
 
 import timm
 import torch
 
 import models
-from models.weights import extract_state_dict, guess_variant, safe_load
+from models.weights import UnsafeFileError, extract_state_dict, guess_variant, safe_load
+from utils.checkpoint import run_options
+from utils.errors import CheckpointError
+from utils.images import DataConfig, eval_transform, resolve_eval_config
 
-__all__ = ['LoadedModel', 'load_model', 'read_class_map', 'CheckpointError']
-
-
-class CheckpointError(ValueError):
-    """The file cannot become an inference model; the message names the file and the fix."""
+__all__ = ['LoadedModel', 'load_model', 'eval_preprocessing', 'read_class_map']
 
 
 @dataclass
@@ -34,16 +34,15 @@ class LoadedModel:
     variant: str                    # the timm name it was built as
     num_classes: int
     class_names: Optional[List[str]]  # index -> name, when the checkpoint or a class-map file has them
-    img_size: Optional[Tuple[int, int]]  # (H, W) the run trained at, when the checkpoint says
     data_args: dict  # the run's eval-preprocessing options, for timm's resolve_data_config
 
 
-def _run_args(checkpoint: Any) -> dict:
-    """The training arguments stored in a checkpoint as a dict (main.py: dict; timm scripts: Namespace)."""
-    args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
-    if isinstance(args, argparse.Namespace):
-        return vars(args)
-    return dict(args) if isinstance(args, Mapping) else {}
+def eval_preprocessing(loaded: LoadedModel, img_size: Optional[int] = None) -> Tuple[Callable, DataConfig]:
+    """(transform, config): the evaluation preprocessing of the loaded run (its stored options, else the
+    model's defaults), at `img_size` when given; the transform takes `utils.images.load_rgb`'s images."""
+    overrides = dict(loaded.data_args, **({'input_size': (3, img_size, img_size)} if img_size else {}))
+    config = resolve_eval_config(loaded.model, overrides)
+    return eval_transform(config), config
 
 
 def _img_size(args: dict) -> Optional[Tuple[int, int]]:
@@ -138,13 +137,19 @@ def load_model(path, model_name: Optional[str] = None, class_map: Optional[str] 
     else the one whose layer shapes the weights have. `lka_impl` defaults to 'plain' (nn.Conv2d
     exactly as the reference), the form exporters and other runtimes understand.
 
-    Raises FileNotFoundError, models.UnsafeFileError or ValueError (CheckpointError for problems
-    found here), each with a message naming the file.
+    Raises CheckpointError (utils.errors) with a message naming the file, also for what the models
+    package finds (a missing or unsafe file, weights that do not fit).
     """
-    source = str(path)
-    checkpoint = safe_load(path)
+    try:
+        return _load_model(str(path), model_name, class_map, lka_impl)
+    except (FileNotFoundError, UnsafeFileError, ValueError) as error:  # models.weights' messages name the fix
+        raise CheckpointError(str(error)) from None
+
+
+def _load_model(source: str, model_name: Optional[str], class_map: Optional[str], lka_impl: str) -> LoadedModel:
+    checkpoint = safe_load(source)
     state_dict = extract_state_dict(checkpoint, source=source)
-    args = _run_args(checkpoint)
+    args = run_options(checkpoint)
     meta = checkpoint if isinstance(checkpoint, Mapping) else {}
 
     variant = model_name or meta.get('arch') or args.get('model') or guess_variant(state_dict)
@@ -171,4 +176,4 @@ def load_model(path, model_name: Optional[str] = None, class_map: Optional[str] 
     else:
         class_names = None
     return LoadedModel(model=model, variant=variant, num_classes=num_classes,
-                       class_names=class_names, img_size=_img_size(args), data_args=_eval_data_args(args))
+                       class_names=class_names, data_args=_eval_data_args(args))

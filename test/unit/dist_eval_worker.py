@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from utils.data import DataConfig, build_datasets, build_loaders  # noqa: E402
-from utils.device import cleanup_distributed, init_distributed_device  # noqa: E402
+from utils.data import build_datasets, build_loaders  # noqa: E402
+from utils.images import DataConfig  # noqa: E402
+from utils.device import cleanup_distributed, setup_device  # noqa: E402
 from utils.engine import evaluate  # noqa: E402
 
 
 def main(data_root: str, out_dir: str) -> None:
-    dist_env = init_distributed_device('cpu')
+    dist_env = setup_device('cpu')
     config = DataConfig((3, 32, 32), 'bilinear', (0.5,) * 3, (0.5,) * 3, 1.0)
     _, val_set, class_to_idx = build_datasets(data_root, config, dict(interpolation='bilinear'), seed=0)
     # Batch 4 over 19 images and 2 ranks: rank 0 gets 10 (3 batches), rank 1 gets 9 (3 batches).

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from utils import amp as amp_module
-from utils.amp import AmpError, create_precision, resolve_amp_backend
+from utils.amp import create_precision, resolve_amp_backend
+from utils.errors import AmpError
 from utils.device import DistEnv
-from utils.engine import train_one_epoch
+from utils.engine import TrainSettings, TrainingParts, train_one_epoch
 
 
 # torch.device('npu') only exists once torch_npu is imported; create_precision only reads .type.
@@ -49,8 +50,8 @@ def test_bfloat16_training_loop_updates_weights_and_logs(caplog):
     before = model[-1].weight.detach().clone()
     logger = logging.getLogger('test-amp')
     with caplog.at_level(logging.INFO, logger='test-amp'):
-        stats = train_one_epoch(model, tiny_loader(), torch.nn.CrossEntropyLoss(), optimizer, precision,
-                                torch.device('cpu'), 0, DistEnv(torch.device('cpu')), logger, log_interval=2)
+        parts = TrainingParts(model, tiny_loader(), torch.nn.CrossEntropyLoss(), optimizer, precision)
+        stats = train_one_epoch(parts, TrainSettings(log_interval=2), 0, DistEnv(torch.device('cpu')), logger)
     assert not torch.equal(before, model[-1].weight)
     assert model[-1].weight.dtype == torch.float32  # autocast keeps fp32 master weights
     assert stats['num_updates'] == 3 and stats['loss'] > 0

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 
@@ -100,3 +101,15 @@ def test_kept_host_memory_is_reused_without_page_faults():
     # glibc's default unmaps 100 MB blocks on free, so each one faults its 25k pages in again (fewer
     # with transparent huge pages always on, where the problem is small anyway).
     assert kept <= max(default // 10, 100), (default, kept)
+
+
+def test_devices_are_resolved_by_utils_device_npu_first(monkeypatch):
+    from utils import device as device_module
+    asked = []
+    monkeypatch.setattr(device_module, '_npu_available', lambda: asked.append('npu') or False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    results = benchmark.main(['--model', 'van_b0', '-b', '2', '--img-size', '32', '--num-classes', '10',
+                              '--warmup', '0', '--repeats', '1', '--mode', 'infer', '--impls', 'plain'])
+    assert asked == ['npu'] and [r['impl'] for r in results] == ['plain']  # auto: NPU, then CUDA, then CPU
+    with pytest.raises(SystemExit, match='error: --device: --device cuda was asked for but torch sees no CUDA GPU'):
+        benchmark.main(['--device', 'cuda'])

@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from utils.checkpoint import (CheckpointError, CheckpointSaver, atomic_save, find_resume_checkpoint, read_file,
+from utils.errors import CheckpointError, CheckpointWriteError
+from utils.checkpoint import (RunCheckpoints, atomic_save, find_resume_checkpoint, read_file,
                               read_training_checkpoint)
 
 
@@ -30,13 +31,13 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteError, match='disk full'):
         atomic_save({'epoch': 2}, str(path))
     assert read_file(str(path)) == {'epoch': 1}
 
 
 def test_saver_keeps_the_best_n_epochs_last_and_best(tmp_path):
-    saver = CheckpointSaver(str(tmp_path), max_history=2)
+    saver = RunCheckpoints(str(tmp_path), max_history=2)
     for epoch, metric in enumerate([10.0, 30.0, 20.0, 5.0, 40.0]):
         best = saver.save(state(epoch), epoch, metric)
     assert best == (40.0, 4)
@@ -45,19 +46,19 @@ def test_saver_keeps_the_best_n_epochs_last_and_best(tmp_path):
     assert last['epoch'] == 4 and last['metric'] == 40.0 and last['best_epoch'] == 4
     assert read_file(str(tmp_path / 'model_best.pth.tar'))['epoch'] == 4
     # A saver rebuilt from the checkpoint (as --resume does) continues the same bookkeeping.
-    resumed = CheckpointSaver(str(tmp_path), 2, history=last['checkpoint_history'],
+    resumed = RunCheckpoints(str(tmp_path), 2, history=last['checkpoint_history'],
                               best=(last['best_metric'], last['best_epoch']))
     assert resumed.save(state(), 5, 35.0) == (40.0, 4)
     assert sorted(p.name for p in tmp_path.glob('checkpoint-*')) == ['checkpoint-4.pth.tar', 'checkpoint-5.pth.tar']
 
 
 def test_checkpoint_hist_zero_writes_no_history(tmp_path):
-    CheckpointSaver(str(tmp_path), max_history=0).save(state(), 0, 1.0)
+    RunCheckpoints(str(tmp_path), max_history=0).save(state(), 0, 1.0)
     assert not list(tmp_path.glob('checkpoint-*')) and (tmp_path / 'last.pth.tar').exists()
 
 
 def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
-    saver = CheckpointSaver(str(tmp_path), max_history=5)
+    saver = RunCheckpoints(str(tmp_path), max_history=5)
     for epoch in range(3):
         saver.save(state(epoch), epoch, float(epoch))
     (tmp_path / 'last.pth.tar').write_bytes(b'truncated')  # a crash mid-copy outside our atomic writes
@@ -93,8 +94,8 @@ def test_reading_missing_or_foreign_files_fails_clearly(tmp_path):
 
 
 def test_saver_refuses_a_state_with_nan_or_inf_and_keeps_the_previous_files(tmp_path):
-    from utils.nonfinite import NonFiniteLossError
-    saver = CheckpointSaver(str(tmp_path), max_history=5)
+    from utils.errors import NonFiniteLossError
+    saver = RunCheckpoints(str(tmp_path), max_history=5)
     saver.save(state(1.0), 0, 10.0)
     poisoned = dict(state(1.0), state_dict={'w': torch.ones(2), 'bn.running_var': torch.tensor([1.0, float('inf')])})
     with pytest.raises(NonFiniteLossError, match=r'not saving epoch 1: 1 tensors hold NaN or inf \(bn\.running_var\)'):
@@ -160,13 +161,14 @@ def test_an_optimizer_state_of_another_optimizer_is_one_clear_error(saved, resum
     import logging
     from timm.optim import create_optimizer_v2
     from utils.amp import create_precision
-    from utils.checkpoint import restore_training
+    from utils.engine import TrainingParts
+    from utils.resume import restore_training
     layer, states = _sgd_and_adamw_states()
     optimizer = create_optimizer_v2(layer, resumed, lr=0.1)
     _, _, precision = create_precision(layer, optimizer, torch.device('cpu'), enabled=False)
     checkpoint = dict(epoch=0, state_dict=layer.state_dict(), optimizer=states[saved], args={'opt': saved})
     with pytest.raises(CheckpointError, match=f'optimizer state in .* does not fit .*written with --opt {saved}'):
-        restore_training(checkpoint, 'x.pth.tar', layer, optimizer, None, precision, None, None, None,
+        restore_training(checkpoint, 'x.pth.tar', TrainingParts(layer, None, None, optimizer, precision), None,
                          logging.getLogger('test'))
 
 
@@ -174,7 +176,8 @@ def test_resuming_with_model_ema_from_a_checkpoint_without_one_starts_the_averag
     import logging
     from timm.utils import ModelEmaV3
     from utils.amp import create_precision
-    from utils.checkpoint import restore_training
+    from utils.engine import TrainingParts
+    from utils.resume import restore_training
     torch.manual_seed(0)
     saved = torch.nn.Linear(2, 2)
     model = torch.nn.Linear(2, 2)  # another initialisation
@@ -182,6 +185,6 @@ def test_resuming_with_model_ema_from_a_checkpoint_without_one_starts_the_averag
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _, _, precision = create_precision(model, optimizer, torch.device('cpu'), enabled=False)
     checkpoint = dict(epoch=0, state_dict=saved.state_dict(), optimizer=optimizer.state_dict())
-    restore_training(checkpoint, 'x.pth.tar', model, optimizer, None, precision, ema, None, None,
-                     logging.getLogger('test'))
+    restore_training(checkpoint, 'x.pth.tar', TrainingParts(model, None, None, optimizer, precision, model_ema=ema),
+                     None, logging.getLogger('test'))
     assert all(torch.equal(ema.module.state_dict()[k], v) for k, v in saved.state_dict().items())

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from utils.data import (DataConfig, DatasetError, ShardWithoutPadding, build_datasets, build_loaders,
+from utils.errors import DatasetError
+from utils.images import DataConfig
+from utils.data import (ShardWithoutPadding, build_datasets, build_loaders,
                         build_mixup, build_train_criterion, find_split_dirs)
 
 CLASS_NAMES = ('circle_red', 'square_green', 'triangle_blue', 'cross_yellow')
@@ -93,7 +95,7 @@ def test_mixup_gives_soft_targets_and_soft_target_loss():
 
 @pytest.mark.parametrize('seed', [20240101, 2**63 - 1])
 def test_any_seed_a_user_types_trains(shapes_dataset, seed):
-    from utils.engine import set_seed
+    from utils.resume import set_seed
     train_set, val_set, _ = build_datasets(str(shapes_dataset), CONFIG, dict(AUG), seed=seed)
     train_loader, _ = build_loaders(train_set, val_set, 4, 4, 0, 0, 1, seed, False)
     train_loader.sampler.set_epoch(299)
@@ -106,7 +108,7 @@ def test_any_seed_a_user_types_trains(shapes_dataset, seed):
 def test_the_default_seed_draws_the_numbers_it_always_drew(shapes_dataset):
     import random
     import numpy as np
-    from utils.engine import set_seed
+    from utils.resume import set_seed
     train_set, _, _ = build_datasets(str(shapes_dataset), CONFIG, dict(AUG), seed=42)
     image_seed = (42 * 1_000_003 + 2) * 10_000_019 + 7  # how every run so far seeded image 7 in epoch 2
     random.seed(image_seed), np.random.seed(image_seed % 2**32), torch.manual_seed(image_seed)
@@ -119,7 +121,7 @@ def test_hidden_folders_are_never_classes_and_are_reported(make_dataset, caplog)
     import logging
     from PIL import Image
     from utils.data import find_class_map
-    from utils.data_layout import check_dataset_layout
+    from utils.data import check_dataset_layout
     root = make_dataset()
     for hidden in (root / 'train' / '.ipynb_checkpoints', root / 'val' / '.cache' / 'x',
                    root / 'train' / 'circle_red' / '.thumbnails'):
@@ -128,7 +130,7 @@ def test_hidden_folders_are_never_classes_and_are_reported(make_dataset, caplog)
     Image.new('RGB', (8, 8)).save(root / 'train' / 'circle_red' / '.hidden.png')
     assert check_dataset_layout(str(root)).classes == sorted(CLASS_NAMES)
     assert list(find_class_map(str(root / 'train'))) == sorted(CLASS_NAMES)
-    logger = logging.getLogger('van')  # main.py's logger (utils.logger.setup_logger may stop its propagation)
+    logger = logging.getLogger('van')  # main.py's logger (utils.reporting.setup_logger may stop its propagation)
     logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger='van'):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from utils import device as device_module
-from utils.device import DeviceError, init_distributed_device, resolve_device_type
+from utils.device import setup_device, resolve_device_type
+from utils.errors import DeviceError
 
 
 def test_cpu_and_cuda_never_import_torch_npu(monkeypatch):
@@ -35,7 +36,7 @@ def test_absent_npu_is_a_clear_error(monkeypatch):
 def test_single_process_returns_a_cpu_device_without_a_process_group(monkeypatch):
     for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
         monkeypatch.delenv(name, raising=False)
-    env = init_distributed_device('cpu')
+    env = setup_device('cpu')
     assert env.device == torch.device('cpu') and env.world_size == 1 and env.is_main and not env.distributed
     assert not torch.distributed.is_initialized()
 
@@ -158,3 +159,22 @@ def test_auto_with_cann_set_up_but_no_torch_npu_says_so(monkeypatch):
 def test_auto_without_cann_quietly_skips_a_torch_npu_that_cannot_import(broken_torch_npu, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert resolve_device_type('auto') == 'cpu'
+
+
+def test_a_device_named_by_a_tool_is_resolved_by_the_same_rules(monkeypatch):
+    from utils.device import resolve_device
+    monkeypatch.setattr(device_module, '_npu_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert resolve_device('auto') == torch.device('cpu') and resolve_device('cpu') == torch.device('cpu')
+    with pytest.raises(DeviceError, match='no CUDA GPU'):
+        resolve_device('cuda:1')
+    with pytest.raises(DeviceError, match='no NPU is usable'):
+        resolve_device('npu')
+    for name in ('gpu7', 'auto:0'):
+        with pytest.raises(DeviceError, match='use auto, cpu, cuda'):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert resolve_device('auto') == torch.device('cuda') and resolve_device('cuda:1') == torch.device('cuda', 1)
+    with pytest.raises(DeviceError, match='this machine has 2 cuda device'):
+        resolve_device('cuda:2')

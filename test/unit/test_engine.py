@@ -6,8 +6,8 @@ import torch
 
 from utils.amp import create_precision
 from utils.device import DistEnv
-from utils.nonfinite import NonFiniteGuard
-from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
+from utils.engine import NonFiniteGuard, TrainSettings, TrainingParts, evaluate, train_one_epoch
+from utils.errors import NonFiniteLossError
 
 CPU = torch.device('cpu')
 LOGGER = logging.getLogger('test-engine')
@@ -31,8 +31,8 @@ def test_a_loss_that_stays_nan_stops_the_run_with_a_clear_message():
     def nan_loss(output, target):
         return torch.nn.functional.cross_entropy(output, target) * float('nan')
     with pytest.raises(NonFiniteLossError, match='loss is not finite at epoch 0 step 1'):
-        train_one_epoch(model, batches(6), nan_loss, optimizer, precision, CPU, 0, DistEnv(CPU), LOGGER,
-                        log_interval=2)
+        train_one_epoch(TrainingParts(model, batches(6), nan_loss, optimizer, precision), TrainSettings(log_interval=2),
+                        0, DistEnv(CPU), LOGGER)
 
 
 def test_a_single_non_finite_step_does_not_stop_a_run_whose_scaler_skips_it():
@@ -47,8 +47,9 @@ def test_a_single_non_finite_step_does_not_stop_a_run_whose_scaler_skips_it():
         # Non-finite value in the first step only; adding a constant keeps the gradients finite.
         return loss + float('inf') if len(calls) == 1 else loss
     # Without a float16 scaler the run would stop here (issue 6); the scaler skips such steps.
-    stats = train_one_epoch(model, batches(4), sometimes_inf, optimizer, precision, CPU, 0, DistEnv(CPU), LOGGER,
-                            log_interval=2, max_steps=3, nonfinite_guard=NonFiniteGuard(scaler_skips_steps=True))
+    stats = train_one_epoch(TrainingParts(model, batches(4), sometimes_inf, optimizer, precision),
+                            TrainSettings(log_interval=2, max_steps=3), 0, DistEnv(CPU), LOGGER,
+                            nonfinite_guard=NonFiniteGuard(scaler_skips_steps=True))
     assert stats['num_updates'] == 3
 
 
@@ -57,9 +58,12 @@ def test_max_steps_caps_the_epoch_and_fps_is_reported(caplog):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _, _, precision = create_precision(model, optimizer, CPU, enabled=False)
     with caplog.at_level(logging.INFO, logger='test-engine'):
-        stats = train_one_epoch(model, batches(10), torch.nn.CrossEntropyLoss(), optimizer, precision, CPU, 4,
-                                DistEnv(CPU), LOGGER, log_interval=3, max_steps=7, num_updates=70)
+        stats = train_one_epoch(TrainingParts(model, batches(10), torch.nn.CrossEntropyLoss(), optimizer, precision),
+                                TrainSettings(log_interval=3, max_steps=7), 4, DistEnv(CPU), LOGGER, num_updates=70)
     assert stats['num_updates'] == 77 and stats['fps'] > 0
+    # The results file's losses are those of the log lines, in order.
+    logged = [float(line.split('Loss: ')[1].split()[0]) for line in caplog.messages if line.startswith('Train')]
+    assert [round(loss, 4) for loss in stats['logged_losses']] == logged
     assert [line.split(']')[0] for line in caplog.messages if line.startswith('Train')] == \
         ['Train: 4 [   3/   7 ( 43%)', 'Train: 4 [   6/   7 ( 86%)', 'Train: 4 [   7/   7 (100%)']
     assert f"Epoch 4 FPS:{stats['fps']:.2f}" in caplog.text
@@ -107,7 +111,8 @@ def _fit(run_dir, checkpoint=None, sigterm_at_step=None):
     import functools
     import os
     import signal
-    from utils.checkpoint import CheckpointSaver, ResumePoint, restore_training, training_state
+    from utils.checkpoint import RunCheckpoints, training_state
+    from utils.resume import ResumePoint, restore_training
     from utils.data import build_loaders
     from utils.engine import fit
     from utils.optim import create_scheduler
@@ -122,8 +127,8 @@ def _fit(run_dir, checkpoint=None, sigterm_at_step=None):
                                          min_lr=0.01, step_per_update=True, updates_per_epoch=len(train_loader))
     resume = ResumePoint()
     if checkpoint is not None:
-        resume = restore_training(checkpoint, 'recovery.pth.tar', model, optimizer, scheduler, precision, None,
-                                  {}, None, LOGGER)
+        resume = restore_training(checkpoint, 'recovery.pth.tar',
+                                  TrainingParts(model, None, None, optimizer, precision, scheduler), {}, LOGGER)
     steps = []
 
     def criterion(output, target):
@@ -132,17 +137,17 @@ def _fit(run_dir, checkpoint=None, sigterm_at_step=None):
             os.kill(os.getpid(), signal.SIGTERM)  # a preemption arriving during this step
         return torch.nn.functional.cross_entropy(output, target)
 
-    saver = CheckpointSaver(str(run_dir), 1, resume.history, resume.best)
+    saver = RunCheckpoints(str(run_dir), 1, resume.history, resume.best)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, None, 'linear', {}, {})
-    best = fit(model, model, model, train_loader, val_loader, criterion, optimizer, scheduler, precision, CPU,
-               DistEnv(CPU), LOGGER, str(run_dir), saver, state, start_epoch=resume.epoch, total_epochs=epochs,
-               steps_per_epoch=len(train_loader), seed=0, best=resume.best, recovery=resume.recovery)
+    parts = TrainingParts(model, train_loader, criterion, optimizer, precision, scheduler, val_loader, saver=saver,
+                          training_state=state)
+    best = fit(parts, TrainSettings(epochs=epochs), DistEnv(CPU), LOGGER, str(run_dir), resume)
     return best, model.state_dict()
 
 
 def test_fit_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
     from utils.checkpoint import read_training_checkpoint
-    from utils.preemption import Preempted
+    from utils.resume import Preempted
     best, expected = _fit(tmp_path / 'full')
     assert best[1] in (0, 1) and (tmp_path / 'full' / 'last.pth.tar').exists()
 
@@ -163,7 +168,7 @@ def test_with_model_ema_the_ema_evaluation_picks_the_best_checkpoint(tmp_path, m
     import functools
     from timm.utils import ModelEmaV3
     from utils import engine
-    from utils.checkpoint import CheckpointSaver, read_training_checkpoint, training_state
+    from utils.checkpoint import RunCheckpoints, read_training_checkpoint, training_state
     from utils.data import build_loaders
     from utils.optim import create_scheduler
 
@@ -184,12 +189,12 @@ def test_with_model_ema_the_ema_evaluation_picks_the_best_checkpoint(tmp_path, m
         return dict(loss=1.0, top1=top1[evaluated_model][epoch], top5=100.0, images=24, skipped=0)
     monkeypatch.setattr(engine, 'evaluate', scripted_evaluate)
 
-    saver = CheckpointSaver(str(tmp_path), max_history=1)
+    saver = RunCheckpoints(str(tmp_path), max_history=1)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, 'linear', {}, {})
     with caplog.at_level(logging.INFO, logger='test-engine'):
-        best = engine.fit(model, model, model, train_loader, val_loader, torch.nn.CrossEntropyLoss(), optimizer,
-                          scheduler, precision, CPU, DistEnv(CPU), LOGGER, str(tmp_path), saver, state, start_epoch=0,
-                          total_epochs=epochs, steps_per_epoch=len(train_loader), seed=0, model_ema=model_ema)
+        parts = engine.TrainingParts(model, train_loader, torch.nn.CrossEntropyLoss(), optimizer, precision, scheduler,
+                                     val_loader, model_ema=model_ema, saver=saver, training_state=state)
+        best = engine.fit(parts, engine.TrainSettings(epochs=epochs), DistEnv(CPU), LOGGER, str(tmp_path))
     assert evaluated == [model, model_ema.module] * 2
     assert best == (60.0, 1)
     best_file = read_training_checkpoint(str(tmp_path / 'model_best.pth.tar'))
@@ -206,10 +211,11 @@ def _fit_bn(run_dir, criterion, model_ema=None, tensorboard=None, recovery_inter
     """`epochs` epochs of 6 steps of a small BatchNorm network, saving into run_dir; `criterion(output, target,
     step)` may tamper with the model (it is called inside the forward pass of step `step`, counted from 1)."""
     import functools
-    from utils.checkpoint import CheckpointSaver, training_state
+    from utils.checkpoint import RunCheckpoints, training_state
     from utils.data import build_loaders
     from utils.engine import fit
     from utils.optim import create_scheduler
+    from utils.reporting import RunReport
 
     run_dir.mkdir(exist_ok=True)
     torch.manual_seed(0)
@@ -224,12 +230,12 @@ def _fit_bn(run_dir, criterion, model_ema=None, tensorboard=None, recovery_inter
         steps.append(1)
         return criterion(model, output, target, len(steps))
 
-    saver = CheckpointSaver(str(run_dir), 5)
+    saver = RunCheckpoints(str(run_dir), 5)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, model_ema, 'bn', {}, {})
-    return fit(model, model, model, train_loader, val_loader, counted, optimizer, scheduler, precision, CPU,
-               DistEnv(CPU), LOGGER, str(run_dir), saver, state, start_epoch=0, total_epochs=epochs,
-               steps_per_epoch=len(train_loader), seed=0, model_ema=model_ema, tensorboard=tensorboard,
-               recovery_interval=recovery_interval)
+    parts = TrainingParts(model, train_loader, counted, optimizer, precision, scheduler, val_loader, model_ema=model_ema,
+                          saver=saver, training_state=state, report=RunReport.for_run(str(run_dir), True, LOGGER, tensorboard))
+    return fit(parts, TrainSettings(epochs=epochs, recovery_interval=recovery_interval), DistEnv(CPU), LOGGER,
+               str(run_dir))
 
 
 def _statistics_overflow_at(bad_step):
@@ -245,7 +251,6 @@ def _statistics_overflow_at(bad_step):
 
 def test_a_state_with_non_finite_statistics_is_never_saved_and_the_run_stops(tmp_path, caplog):
     from utils.checkpoint import read_training_checkpoint
-    from utils.nonfinite import NonFiniteLossError
     with caplog.at_level(logging.ERROR, logger='test-engine'):
         with pytest.raises(NonFiniteLossError, match=r'after epoch 1 holds NaN or inf in 2 tensors \(model: 2 tensors '
                                                      r'\(1\.running_mean, 1\.running_var\)\)'):
@@ -260,7 +265,6 @@ def test_a_state_with_non_finite_statistics_is_never_saved_and_the_run_stops(tmp
 
 def test_non_finite_ema_weights_and_recovery_points_are_never_saved(tmp_path):
     from timm.utils import ModelEmaV3
-    from utils.nonfinite import NonFiniteLossError
 
     def poison_ema(model, output, target, step):
         if step == 3:
@@ -280,7 +284,7 @@ def test_a_full_disk_for_the_summary_keeps_the_checkpoint_and_the_run_goes_on(tm
     import builtins
     import errno
     import csv
-    import utils.logger
+    import utils.reporting
     from utils.checkpoint import read_training_checkpoint
     failures = []
 
@@ -289,7 +293,7 @@ def test_a_full_disk_for_the_summary_keeps_the_checkpoint_and_the_run_goes_on(tm
             failures.append(path)
             raise OSError(errno.ENOSPC, 'No space left on device')
         return builtins.open(path, *args, **kwargs)
-    monkeypatch.setattr(utils.logger, 'open', full_disk_for_the_summary_once, raising=False)
+    monkeypatch.setattr(utils.reporting, 'open', full_disk_for_the_summary_once, raising=False)
 
     class FullDiskTensorBoard:
         def add_scalar(self, *args):
@@ -301,7 +305,7 @@ def test_a_full_disk_for_the_summary_keeps_the_checkpoint_and_the_run_goes_on(tm
         def close(self):
             raise OSError(errno.ENOSPC, 'No space left on device')
 
-    from utils.tensorboard import TensorBoardWriter
+    from utils.reporting import TensorBoardWriter
     with caplog.at_level(logging.INFO, logger='test-engine'):
         _fit_bn(tmp_path, _statistics_overflow_at(None),
                 tensorboard=TensorBoardWriter(FullDiskTensorBoard(), LOGGER))

@@ -14,6 +14,7 @@ import yaml
 
 import main
 import models
+from utils import options
 from models.weights import safe_load
 
 # Small and fast: 32x32 images, batch 8, no augmentation that would slow learning on 48 images.
@@ -65,7 +66,7 @@ def test_short_run_learns_far_above_chance(trained_run):
 
 
 @pytest.mark.slow
-def test_logs_have_the_lines_the_launch_scripts_grep(trained_run):
+def test_logs_have_the_modelzoo_lines(trained_run):
     run_dir, log = trained_run
     train = TRAIN_LINE.findall(log)
     # 48 images / batch 8 = 6 steps per epoch, logged at steps 2, 4, 6 of each of 3 epochs
@@ -83,6 +84,30 @@ def test_logs_have_the_lines_the_launch_scripts_grep(trained_run):
     assert top1s[int(best[0][1])] == pytest.approx(max(top1s), abs=1e-3)
     # the log file holds the same lines
     assert len(TRAIN_LINE.findall(re.sub(r'^\S+ \S+ ', '', (run_dir / 'log.txt').read_text(), flags=re.M))) == 9
+
+
+@pytest.mark.slow
+def test_the_results_file_and_the_modelzoo_report_say_what_the_log_says(trained_run):
+    """The launch scripts once read the log (the last FPS line, every Train line's loss, the best line);
+    the report they now make from results.json must read the same."""
+    from utils.modelzoo import loss_lines, summary_fields
+    run_dir, log = trained_run
+    results = json.loads((run_dir / 'results.json').read_text())
+    assert (results['mode'], results['finished'], results['world_size'], results['batch_size']) == ('train', True, 1, 8)
+    assert [e['epoch'] for e in results['epochs']] == [0, 1, 2] and results['start_epoch'] == 0
+    assert [f"{e['fps']:.2f}" for e in results['epochs']] == [fps for _, fps in FPS_LINE.findall(log)]
+    assert [f"{e['eval_top1']:.3f}" for e in results['epochs']] == [top1 for top1, *_ in EVAL_END.findall(log)]
+    assert loss_lines(results) == [loss for *_, loss, _ in TRAIN_LINE.findall(log)]
+    (best, best_epoch), = BEST_LINE.findall(log)
+    assert (f"{results['best']['top1']:.3f}", results['best']['epoch']) == (best, int(best_epoch))
+    fields = dict(summary_fields(results, 'acc', 'VAN_Classification', 8, 1))
+    assert fields['ActualFPS'] == FPS_LINE.findall(log)[-1][1]
+    assert fields['ActualLoss'] == TRAIN_LINE.findall(log)[-1][3]
+    assert fields['TrainAccuracy'] == best
+    with open(run_dir / 'summary.csv', newline='') as f:  # one list of columns: the same numbers as summary.csv
+        for row, epoch in zip(csv.DictReader(f), results['epochs']):
+            assert float(row['eval_top1']) == pytest.approx(epoch['eval_top1'], abs=1e-4)
+            assert float(row['train_loss']) == pytest.approx(epoch['train_loss'], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -115,13 +140,20 @@ def test_run_dir_has_summary_args_and_checkpoints(trained_run):
 def test_eval_from_checkpoint_reports_the_saved_accuracy(trained_run, shapes_dataset, subprocess_env, repo_root):
     run_dir, _ = trained_run
     checkpoint = safe_load(run_dir / 'last.pth.tar')
+    results_file = run_dir.parent / 'eval_results.json'
     result = run_main(['--data_path', shapes_dataset, '--img-size', '32', '-b', '8', '-j', '0', '--eval',
-                       '--resume', run_dir / 'last.pth.tar'], subprocess_env, repo_root)
+                       '--resume', run_dir / 'last.pth.tar', '--results', results_file], subprocess_env, repo_root)
     assert_ok(result)
-    (top1, _, _, images), = EVAL_END.findall(result.stdout)
+    (top1, _, loss, images), = EVAL_END.findall(result.stdout)
     assert int(images) == 19
     assert float(top1) == pytest.approx(checkpoint['metric'], abs=1e-3)
     assert 'Train:' not in result.stdout
+    # The report of an evaluation says what its last line says.
+    from utils.modelzoo import summary_fields
+    results = json.loads(results_file.read_text())
+    assert (results['mode'], results['finished'], results['evaluation']['images']) == ('eval', True, 19)
+    fields = dict(summary_fields(results, 'eval', 'VAN_Classification', 8, 1))
+    assert (fields['TrainAccuracy'], fields['ActualLoss']) == (top1, loss)
 
 
 @pytest.mark.slow
@@ -168,6 +200,9 @@ def test_torchrun_two_processes_count_every_val_image_once(shapes_dataset, tmp_p
     assert 'Train: 0 [   2/   2' in result.stdout  # 48 images / 2 ranks / batch 8 = 3, capped to 2
     checkpoint = safe_load(tmp_path / 'ddp' / 'last.pth.tar')
     assert not any(k.startswith('module.') for k in checkpoint['state_dict'])
+    results = json.loads((tmp_path / 'ddp' / 'results.json').read_text())  # written by rank 0
+    assert (results['world_size'], results['batch_size'], results['finished']) == (2, 8, True)
+    assert [f'{loss:.4f}' for loss in results['train_losses']] == [m[3] for m in TRAIN_LINE.findall(result.stdout)]
 
     # Every rank reports the same numbers, and they equal a single-process evaluation.
     single, double = tmp_path / 'single', tmp_path / 'double'
@@ -323,7 +358,7 @@ def test_a_resumed_run_compares_the_effective_lr_with_its_checkpoint():
     def saved(world_size, *argv):
         args = main.parse_args(['--data_path', 'd', *argv])
         main.resolve_recipe(args, world_size)
-        return main.schedule_options(main.plain_args(args))
+        return options.schedule_options(options.plain_args(args))
     # The same command keeps its schedule; the checkpoint holds the effective lr, never None.
     assert saved(8) == saved(8) and saved(8)['lr'] == 1e-3
     assert saved(8) == saved(8, '--lr', '1e-3') == saved(4, '-b', '256')  # same lr, however reached

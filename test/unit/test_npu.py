@@ -13,11 +13,13 @@ import torch
 import main
 from npu_fakes import ApexNpuFusedAdamW, HCCL_PEERS, NpuFusedAdamW, NpuGradScaler
 from utils import device as device_module
-from utils.amp import AmpError, amp_backend_for, create_precision
-from utils.checkpoint import CheckpointSaver, read_training_checkpoint, restore_training, training_state
+from utils.amp import amp_backend_for, create_precision
+from utils.errors import AmpError
+from utils.checkpoint import RunCheckpoints, read_training_checkpoint, training_state
+from utils.resume import restore_training
 from utils.data import build_loaders
 from utils.device import DistEnv, check_memory_format, pin_memory_settings
-from utils.engine import evaluate, fit, train_one_epoch
+from utils.engine import TrainSettings, TrainingParts, evaluate, fit, train_one_epoch
 from utils.optim import create_optimizer, create_scheduler
 
 CPU = torch.device('cpu')
@@ -79,8 +81,8 @@ def test_training_step_runs_with_torch_npus_fused_optimizer(hccl):
     optimizer = NpuFusedAdamW(model.parameters(), lr=0.01)
     _, _, precision = create_precision(model, optimizer, CPU, enabled=False)
     before = weights(model)
-    stats = train_one_epoch(model, batches(), torch.nn.CrossEntropyLoss(), optimizer, precision, CPU, 0,
-                            TWO_RANKS, LOGGER, log_interval=2)
+    stats = train_one_epoch(TrainingParts(model, batches(), torch.nn.CrossEntropyLoss(), optimizer, precision),
+                            TrainSettings(log_interval=2), 0, TWO_RANKS, LOGGER)
     assert stats['num_updates'] == 3 and changed(before, model)
 
 
@@ -90,8 +92,8 @@ def test_training_step_runs_with_apex_combined_gradients(fake_apex):
     model, optimizer, precision = create_precision(model, optimizer, NPU, enabled=True)
     assert fake_apex['initialize']['combine_grad'] is True
     before = weights(model)
-    stats = train_one_epoch(model, batches(), torch.nn.CrossEntropyLoss(), optimizer, precision, CPU, 0,
-                            DistEnv(CPU), LOGGER, log_interval=2)
+    stats = train_one_epoch(TrainingParts(model, batches(), torch.nn.CrossEntropyLoss(), optimizer, precision),
+                            TrainSettings(log_interval=2), 0, DistEnv(CPU), LOGGER)
     assert stats['num_updates'] == 3 and changed(before, model)
 
 
@@ -118,7 +120,8 @@ def test_auto_amp_on_npu_pairs_apex_with_apex_fused_adamw_and_trains(npu, fake_a
     model, optimizer, precision = create_precision(model, optimizer, CPU, enabled=True)
     assert backend == 'apex' and precision.backend == 'apex' and type(optimizer) is ApexNpuFusedAdamW
     before = weights(model)
-    train_one_epoch(model, batches(), torch.nn.CrossEntropyLoss(), optimizer, precision, CPU, 0, TWO_RANKS, LOGGER)
+    train_one_epoch(TrainingParts(model, batches(), torch.nn.CrossEntropyLoss(), optimizer, precision),
+                    TrainSettings(), 0, TWO_RANKS, LOGGER)
     assert changed(before, model)
 
 
@@ -201,18 +204,19 @@ def test_fit_on_npu_saves_and_restores_torch_npus_scaler_state(npu, tmp_path):
     pin_memory, pin_memory_device = pin_memory_settings(CPU, False)
     train_loader, val_loader = build_loaders(Points(), Points(), 4, 8, 0, 0, HCCL_PEERS, 0, pin_memory,
                                              pin_memory_device)
-    saver = CheckpointSaver(str(tmp_path), 1)
+    saver = RunCheckpoints(str(tmp_path), 1)
     state = functools.partial(training_state, model, optimizer, scheduler, precision, None, 'mlp', {}, {})
-    fit(model, model, model, train_loader, val_loader, torch.nn.CrossEntropyLoss(), optimizer, scheduler,
-        precision, CPU, TWO_RANKS, LOGGER, str(tmp_path), saver, state, start_epoch=0, total_epochs=epochs,
-        steps_per_epoch=len(train_loader), seed=0)
+    parts = TrainingParts(model, train_loader, torch.nn.CrossEntropyLoss(), optimizer, precision, scheduler,
+                          val_loader, saver=saver, training_state=state)
+    fit(parts, TrainSettings(epochs=epochs), TWO_RANKS, LOGGER, str(tmp_path))
     checkpoint = read_training_checkpoint(str(tmp_path / 'last.pth.tar'))
     saved = checkpoint['amp_scaler']
     assert saved['dynamic'] is True and saved['scale'] == precision.state_dict()['scale']
 
-    resumed = _npu_training()
-    restore_training(checkpoint, 'last.pth.tar', *resumed[:2], resumed[3], resumed[2], None, {}, None, LOGGER)
-    assert resumed[2].state_dict() == precision.state_dict()
+    resumed_model, resumed_optimizer, resumed_precision, resumed_scheduler, _ = _npu_training()
+    restore_training(checkpoint, 'last.pth.tar', TrainingParts(resumed_model, None, None, resumed_optimizer,
+                                                               resumed_precision, resumed_scheduler), {}, LOGGER)
+    assert resumed_precision.state_dict() == precision.state_dict()
 
 
 def test_a_scaler_state_without_dynamic_still_resumes_on_npu(fake_torch_npu):

@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils.data_layout import DatasetLayoutError, check_dataset_layout
-from utils.images import BadImageError, RobustImageFolder, SkipCounter, collate_samples, load_rgb
-from utils.nonfinite import NonFiniteGuard, NonFiniteLossError
-from utils.output_dir import OutputDirError, check_output_dir
-from utils.preemption import RecoveryPoints, StopRequest, stop_requested
-from utils.rng_state import capture_rng_state, restore_rng_state
-from utils.sampler import ResumableSampler
+from utils.data import check_dataset_layout
+from utils.errors import BadImageError, DatasetError, NonFiniteLossError, OutputDirError
+from utils.images import RobustImageFolder, SkipCounter, collate_samples, load_rgb
+from utils.engine import NonFiniteGuard
+from utils.checkpoint import check_output_dir
+from utils.resume import RecoveryPoints, StopRequest, capture_rng_state, restore_rng_state, stop_requested
+from utils.data import ResumableSampler
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -177,7 +177,7 @@ def test_strict_data_stops_at_the_first_bad_file_naming_it(tmp_path, workers):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path, workers):
-    from utils.images import UnreadableDatasetError
+    from utils.errors import UnreadableDatasetError
     _write_bad_images(tmp_path / "a")
     for i in range(60):
         (tmp_path / "a" / f"zero{i}.jpg").write_bytes(b"")
@@ -233,7 +233,7 @@ def test_bad_layout_gives_one_clear_message(tmp_path, fault, message):
         os.rename(root / "val" / "b", root / "val" / "c")
     elif fault == "files_in_train":
         Image.new("RGB", (8, 8)).save(root / "train" / "stray.jpg")
-    with pytest.raises(DatasetLayoutError, match=message):
+    with pytest.raises(DatasetError, match=message):
         check_dataset_layout(None if root is None else str(root))
 
 
@@ -418,7 +418,7 @@ def without_root_privileges(command):
 def test_read_only_output_folder_is_a_clear_error(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    code = ("import sys; from utils.output_dir import check_output_dir, OutputDirError\n"
+    code = ("import sys; from utils.checkpoint import check_output_dir; from utils.errors import OutputDirError\n"
             "try: check_output_dir(sys.argv[1])\n"
             "except OutputDirError as e: print(e); sys.exit(3)\n")
     result = subprocess.run(without_root_privileges([sys.executable, "-c", code, str(locked / "run")]), cwd=REPO,
@@ -611,7 +611,7 @@ def test_nan_loss_stops_the_epoch_naming_the_step(caplog):
     import logging
     from utils.amp import create_precision
     from utils.device import DistEnv
-    from utils.engine import NonFiniteGuard, NonFiniteLossError, train_one_epoch
+    from utils.engine import NonFiniteGuard, TrainSettings, TrainingParts, train_one_epoch
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -626,8 +626,8 @@ def test_nan_loss_stops_the_epoch_naming_the_step(caplog):
     data = torch.utils.data.TensorDataset(torch.randn(24, 3, 2, 2), torch.randint(0, 3, (24,)))
     loader = DataLoader(data, batch_size=4)
     with pytest.raises(NonFiniteLossError, match='not finite at epoch 0 step 3'):
-        train_one_epoch(model, loader, nan_at_step_3, optimizer, precision, CPU, 0, DistEnv(CPU),
-                        logging.getLogger('test'), log_interval=5,
+        train_one_epoch(TrainingParts(model, loader, nan_at_step_3, optimizer, precision), TrainSettings(log_interval=5),
+                        0, DistEnv(CPU), logging.getLogger('test'),
                         nonfinite_guard=NonFiniteGuard(scaler_skips_steps=False))
 
 
@@ -894,7 +894,7 @@ def test_full_disk_while_saving_is_reported_without_partial_files(shapes_dataset
 # ---------------------------------------------------------------- one run per run dir
 
 _HOLD_LOCK = ("import sys, time\n"
-              "from utils.output_dir import RunDirLock\n"
+              "from utils.checkpoint import RunDirLock\n"
               "lock = RunDirLock(sys.argv[1]).acquire()\n"
               "print('locked', flush=True)\n"
               "time.sleep(120)\n")
@@ -902,7 +902,8 @@ _HOLD_LOCK = ("import sys, time\n"
 
 def test_run_dir_lock_names_its_holder_and_is_taken_over_when_the_holder_dies(tmp_path):
     import socket
-    from utils.output_dir import RunDirBusyError, RunDirLock
+    from utils.errors import RunDirBusyError
+    from utils.checkpoint import RunDirLock
     holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                               text=True)
     try:
@@ -965,11 +966,11 @@ def test_float16_run_whose_statistics_overflow_saves_nothing_non_finite(shapes_d
 
 def test_run_dir_on_a_file_system_without_locks_runs_unprotected_and_says_so(tmp_path, monkeypatch):
     import errno
-    import utils.output_dir
-    from utils.output_dir import RunDirLock
+    import utils.checkpoint
+    from utils.checkpoint import RunDirLock
 
     def no_locks(*args):
         raise OSError(errno.ENOLCK, 'No locks available')
-    monkeypatch.setattr(utils.output_dir.fcntl, 'lockf', no_locks)
+    monkeypatch.setattr(utils.checkpoint.fcntl, 'lockf', no_locks)
     with RunDirLock(tmp_path) as lock:
         assert 'cannot lock the run dir' in lock.describe_takeover() and 'No locks available' in lock.describe_takeover()

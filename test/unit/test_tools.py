@@ -22,10 +22,10 @@ import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the VAN variants with timm)
 from models.weights import safe_load  # noqa: E402
-from utils import progress as progress_module  # noqa: E402
-from utils.curves import plot_curves  # noqa: E402
-from utils.inference import load_model  # noqa: E402
-from utils.tensorboard import NullWriter, TensorBoardWriter, create_writer  # noqa: E402
+from utils import reporting  # noqa: E402
+from utils.reporting import plot_curves  # noqa: E402
+from utils.inference import eval_preprocessing, load_model  # noqa: E402
+from utils.reporting import NullWriter, TensorBoardWriter, create_writer  # noqa: E402
 
 CLASSES = {'cat': 0, 'dog': 1, 'fish': 2, 'owl': 3}
 IMG = 64  # small inputs keep the export and onnxruntime runs short
@@ -253,8 +253,8 @@ def test_predict_prints_top_classes_by_name(checkpoints, images, capsys):
 
     # Same numbers as the model applied to the eval transform of the run's size (64: resize 71, crop 64).
     loaded = load_model(checkpoints['main'])
-    transform, config = predict.build_transform(loaded.model, loaded.data_args)
-    assert config['input_size'] == (3, IMG, IMG) and config['interpolation'] == 'bicubic'
+    transform, config = eval_preprocessing(loaded)
+    assert config.input_size == (3, IMG, IMG) and config.interpolation == 'bicubic'
     names = {index: name for name, index in CLASSES.items()}
     for path in paths:
         with torch.no_grad():
@@ -269,7 +269,7 @@ def test_predict_prints_top_classes_by_name(checkpoints, images, capsys):
 def test_predict_default_preprocessing_is_the_official_eval_transform(checkpoints):
     from torchvision import transforms
     loaded = load_model(checkpoints['official'])
-    transform, _ = predict.build_transform(loaded.model, loaded.data_args)
+    transform, _ = eval_preprocessing(loaded)
     steps = {type(t): t for t in transform.transforms}
     assert steps[transforms.Resize].size == 248  # 224 / 0.9
     assert steps[transforms.Resize].interpolation == transforms.InterpolationMode.BICUBIC
@@ -290,16 +290,55 @@ def test_predict_uses_the_runs_eval_options(checkpoints, tmp_path):
                          'mean': None, 'std': None}}, unset_options)
 
     loaded = load_model(run_options)
-    _, config = predict.build_transform(loaded.model, loaded.data_args)
-    assert config['input_size'] == (3, 96, 96) and config['crop_pct'] == 1.0
-    assert config['interpolation'] == 'bilinear' and config['mean'] == (0.485, 0.456, 0.406)
-    _, config = predict.build_transform(loaded.model, loaded.data_args, img_size=128)  # --img-size wins
-    assert config['input_size'] == (3, 128, 128)
+    _, config = eval_preprocessing(loaded)
+    assert config.input_size == (3, 96, 96) and config.crop_pct == 1.0
+    assert config.interpolation == 'bilinear' and config.mean == (0.485, 0.456, 0.406)
+    _, config = eval_preprocessing(loaded, img_size=128)  # --img-size wins
+    assert config.input_size == (3, 128, 128)
 
     loaded = load_model(unset_options)
-    transform, config = predict.build_transform(loaded.model, loaded.data_args)
-    assert config['input_size'] == (3, 224, 224) and config['mean'] == (0.5, 0.5, 0.5)
+    transform, config = eval_preprocessing(loaded)
+    assert config.input_size == (3, 224, 224) and config.mean == (0.5, 0.5, 0.5)
     assert [t.size for t in transform.transforms if isinstance(t, transforms.Resize)] == [248]
+
+
+def _rgba_and_16_bit_dataset(root):
+    """An ImageFolder whose val images need load_rgb's rules: an RGBA image whose transparent half hides
+    dark colours, and a 16-bit grey image (values up to 65535)."""
+    rng = np.random.default_rng(3)
+    for split in ('train', 'val'):
+        (root / split / 'cat').mkdir(parents=True)
+    rgba = rng.integers(0, 60, (60, 80, 4), dtype=np.uint8)
+    rgba[:, :40, 3] = 0  # transparent: white in training, the hidden dark colours if alpha were dropped
+    rgba[:, 40:, 3] = 255
+    Image.fromarray(rgba, 'RGBA').save(root / 'val' / 'cat' / 'rgba.png')
+    gray = (np.linspace(1000, 65000, 60 * 80).reshape(60, 80)).astype(np.uint16)
+    gray[:10] = 30000  # 30000 / 257 -> 117 in training; clipping to 8 bit would make it 255
+    Image.fromarray(gray).save(root / 'val' / 'cat' / 'gray16.png')
+    Image.new('RGB', (8, 8)).save(root / 'train' / 'cat' / 'x.png')
+    return sorted((root / 'val' / 'cat').iterdir())
+
+
+def test_predict_sees_the_pixels_evaluation_sees_for_rgba_and_16_bit_images(checkpoints, tmp_path):
+    from utils.data import build_datasets
+    paths = _rgba_and_16_bit_dataset(tmp_path / 'data')
+    loaded = load_model(checkpoints['main'])
+    transform, config = eval_preprocessing(loaded)
+    _, val_set, _ = build_datasets(str(tmp_path / 'data'), config, {}, seed=0, with_train=False)
+    assert [Path(p) for p, _ in val_set.samples] == paths
+    evaluated = torch.stack([val_set[i].image for i in range(len(paths))])
+    predicted = torch.stack([predict.preprocess(path, transform) for path in paths])
+    assert torch.equal(predicted, evaluated)
+    # Not what a plain Image.convert('RGB') gives: that path would see other pixels in both images.
+    for path, tensor in zip(paths, predicted):
+        assert not torch.allclose(transform(Image.open(path).convert('RGB')), tensor, atol=0.05)
+    # The printed probabilities are the model's on those very tensors.
+    with torch.no_grad():
+        expected = loaded.model(evaluated).softmax(-1)
+    results = dict(predict.predict(loaded.model, transform, paths, torch.device('cpu'), topk=4))
+    for path, row in zip(paths, expected):
+        assert [i for i, _ in results[path]] == row.argsort(descending=True).tolist()
+        assert np.allclose([p for _, p in results[path]], row.sort(descending=True).values.tolist(), atol=1e-6)
 
 
 @pytest.mark.parametrize('class_map_kind', ['txt', 'json_list', 'json_class_to_idx', 'json_index_to_name'])
@@ -434,11 +473,11 @@ class _FakeTerminal(io.StringIO):
 
 
 def test_progress_only_on_an_interactive_rank_0():
-    assert not progress_module.progress_enabled(True, io.StringIO())
-    assert not progress_module.progress_enabled(False, _FakeTerminal())
-    assert progress_module.progress_enabled(True, _FakeTerminal())
+    assert not reporting.progress_enabled(True, io.StringIO())
+    assert not reporting.progress_enabled(False, _FakeTerminal())
+    assert reporting.progress_enabled(True, _FakeTerminal())
     items = [1, 2, 3]
-    assert progress_module.progress(items, 3, 'x', enabled=False) is items
+    assert reporting.progress(items, 3, 'x', enabled=False) is items
 
 
 def test_progress_bar_keeps_log_lines_and_file_unchanged(monkeypatch, tmp_path):
@@ -455,7 +494,7 @@ def test_progress_bar_keeps_log_lines_and_file_unchanged(monkeypatch, tmp_path):
     logger.setLevel(logging.INFO)
     try:
         seen = []
-        for step, item in enumerate(progress_module.progress(iter(range(10)), total=4, desc='Train 0',
+        for step, item in enumerate(reporting.progress(iter(range(10)), total=4, desc='Train 0',
                                                              enabled=True, logger=logger)):
             if step >= 4:  # the training loop stops like this at --max-steps-per-epoch
                 break
