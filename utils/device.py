@@ -20,13 +20,14 @@ from typing import Callable, FrozenSet, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from models import compat
 from utils.errors import DeviceError
 
 DEVICE_CHOICES = ('auto', 'npu', 'cuda', 'cpu')
 
 
 def _torch_grad_scaler(device_type: str, init_scale: Optional[float]):
-    return torch.amp.GradScaler(device_type, **({} if init_scale is None else dict(init_scale=init_scale)))
+    return compat.grad_scaler(device_type, **({} if init_scale is None else dict(init_scale=init_scale)))
 
 
 def _torch_npu_grad_scaler(device_type: str, init_scale: Optional[float]):
@@ -206,22 +207,15 @@ def check_memory_format(device, channels_last: bool) -> None:
                           'contiguous and preserve memory formats (torch_npu docs). Leave --channels-last out.')
 
 
-# From this torch on, DataLoader pins for the current accelerator and ignores pin_memory_device with a
-# deprecation warning (pytorch/pytorch#131858, #158323); before it, only an explicit pin_memory_device
-# pins for a device other than CUDA.
-_DATALOADER_PINS_FOR_ACCELERATOR = (2, 9)
-
-
-def _dataloader_pins_for_current_accelerator() -> bool:
-    return torch.torch_version.TorchVersion(torch.__version__) >= _DATALOADER_PINS_FOR_ACCELERATOR
-
-
 def pin_memory_settings(device, requested: bool) -> Tuple[bool, str]:
     """(pin_memory, pin_memory_device) for the DataLoaders: --pin-mem, or always where the device wants
     pinned batches (NPU); the device name only where the installed torch needs it."""
     kind = device_kind(device)
     pin = requested or kind.pin_memory
-    named = pin and kind.pin_memory_device and not _dataloader_pins_for_current_accelerator()
+    # From torch 2.9 DataLoader pins for the current accelerator and ignores pin_memory_device with a
+    # deprecation warning (pytorch/pytorch#131858, #158323); before it, only an explicit pin_memory_device
+    # pins for a device other than CUDA.
+    named = pin and kind.pin_memory_device and not compat.dataloader_pins_for_current_accelerator()
     return pin, kind.pin_memory_device if named else ''
 
 

@@ -1,0 +1,181 @@
+"""Every version gate of the repository: torch, torchvision, timm, numpy and triton.
+
+Nothing else compares versions or probes for APIs; code that needs a capability asks here. Each gate
+names the release that brought the capability and what runs before it. Where an older stack lacks
+something, the feature either behaves exactly as on the newest torch (a replacement built from older
+APIs) or, when the user asked for it explicitly, is refused with the fix (UnsupportedError).
+
+The supported range is torch 2.1 (Ascend's long-term torch_npu line) to the newest release that
+requirements.txt admits; README.md's "Supported versions" table says what degrades below which release.
+It lives in models/ because models/ is the lowest layer (utils/ and tools/ import models, never the
+reverse) and five of the gates are needed inside models/.
+"""
+import functools
+import os
+from typing import Callable, List
+
+import torch
+from torch.torch_version import TorchVersion
+
+TORCH = TorchVersion(torch.__version__)
+
+# The releases that brought what the code uses (checked in each wheel's own sources).
+CPU_GRAD_SCALER = (2, 3)        # torch.amp.GradScaler(device); before: torch.cuda.amp.GradScaler only
+NUMPY2_ABI = (2, 3)             # first torch wheels built against NumPy 2; older ones need numpy < 2
+DEVICE_AUTOCAST_API = (2, 4)    # torch.is_autocast_enabled(device), get_autocast_dtype, torch.amp.custom_fwd
+CUSTOM_OPS = (2, 4)             # torch.library.custom_op / register_fake / register_autograd / opcheck
+ONNX_DYNAMO_FLAG = (2, 5)       # torch.onnx.export(dynamo=...)
+DATALOADER_PINS_FOR_ACCELERATOR = (2, 9)  # DataLoader pins for the current accelerator, ignores pin_memory_device
+TIMM_MIN = (1, 0, 12)           # timm.optim.get_optimizer_class / list_optimizers (utils/options.py)
+
+
+class UnsupportedError(RuntimeError):
+    """The installed torch lacks a capability the user asked for explicitly."""
+
+
+def torch_at_least(version) -> bool:
+    return TORCH >= version
+
+
+# --- dispatch modes, compiling -------------------------------------------------------------------
+try:  # torch >= 2.4
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as in_dispatch_mode
+except ImportError:  # torch 2.1-2.3: the same question asked of the mode stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    def in_dispatch_mode() -> bool:
+        return _get_current_dispatch_mode() is not None
+
+if hasattr(torch.compiler, 'is_compiling'):  # torch >= 2.3
+    is_compiling: Callable[[], bool] = torch.compiler.is_compiling
+else:
+    import torch._dynamo
+
+    is_compiling = torch._dynamo.is_compiling
+
+
+# --- autocast ----------------------------------------------------------------------------------
+if torch_at_least(DEVICE_AUTOCAST_API):
+    def autocast_enabled(device_type: str) -> bool:
+        return torch.is_autocast_enabled(device_type)
+
+    def autocast_dtype(device_type: str) -> torch.dtype:
+        return torch.get_autocast_dtype(device_type)
+
+    def custom_fwd(device_type: str):
+        return torch.amp.custom_fwd(device_type=device_type)
+
+    def custom_bwd(device_type: str):
+        return torch.amp.custom_bwd(device_type=device_type)
+else:
+    def autocast_enabled(device_type: str) -> bool:
+        if device_type == 'cpu':
+            return torch.is_autocast_cpu_enabled()
+        if device_type == 'cuda':
+            return torch.is_autocast_enabled()
+        return False  # other backends keep their own autocast state on these releases
+
+    def autocast_dtype(device_type: str) -> torch.dtype:
+        return torch.get_autocast_cpu_dtype() if device_type == 'cpu' else torch.get_autocast_gpu_dtype()
+
+    # What torch.amp.custom_fwd/custom_bwd do from 2.4 on (torch/amp/autocast_mode.py): the forward records
+    # the autocast state, the backward runs under that same state. torch.cuda.amp's pair is CUDA-only.
+    def custom_fwd(device_type: str):
+        def decorate(forward):
+            @functools.wraps(forward)
+            def wrapped(ctx, *args, **kwargs):
+                ctx._van_autocast_state = (autocast_enabled(device_type), autocast_dtype(device_type))
+                return forward(ctx, *args, **kwargs)
+            return wrapped
+        return decorate
+
+    def custom_bwd(device_type: str):
+        def decorate(backward):
+            @functools.wraps(backward)
+            def wrapped(ctx, *args, **kwargs):
+                enabled, dtype = ctx._van_autocast_state
+                with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    return backward(ctx, *args, **kwargs)
+            return wrapped
+        return decorate
+
+
+def grad_scaler(device_type: str, **kwargs):
+    """torch's loss scaler for float16 AMP on `device_type` (NPU runs use torch_npu's, see utils/device.py)."""
+    if torch_at_least(CPU_GRAD_SCALER):
+        return torch.amp.GradScaler(device_type, **kwargs)
+    if device_type == 'cuda' or not kwargs.get('enabled', True):  # a disabled scaler passes through anywhere
+        return torch.cuda.amp.GradScaler(**kwargs)
+    raise UnsupportedError(cpu_float16_reason() or f'no loss scaler for {device_type} in torch {torch.__version__}')
+
+
+def grad_scaler_classes() -> tuple:
+    """The classes grad_scaler() can return (to recognise torch's scalers in checks and tests)."""
+    classes = (torch.cuda.amp.GradScaler,)
+    return (torch.amp.GradScaler,) + classes if torch_at_least(CPU_GRAD_SCALER) else classes
+
+
+def cpu_float16_reason() -> str:
+    """'' where float16 AMP can run on the CPU (autocast 2.2, GradScaler 2.3), else why not and the fix."""
+    return '' if torch_at_least(CPU_GRAD_SCALER) else (
+        f'float16 mixed precision on the CPU needs torch >= 2.3 (a CPU GradScaler); this is torch '
+        f'{torch.__version__}. Use --amp-dtype bfloat16 (the CPU default, needs no scaler) or a newer torch.')
+
+
+# --- export, data loading, custom ops, Triton ----------------------------------------------------
+def onnx_export_kwargs() -> dict:
+    """Names the TorchScript exporter where torch.onnx.export also has the dynamo one (2.5+)."""
+    return {'dynamo': False} if torch_at_least(ONNX_DYNAMO_FLAG) else {}
+
+
+def dataloader_pins_for_current_accelerator() -> bool:
+    """From 2.9 DataLoader pins for the current accelerator and ignores pin_memory_device."""
+    return torch_at_least(DATALOADER_PINS_FOR_ACCELERATOR)
+
+
+def custom_ops_reason() -> str:
+    """'' where torch.library.custom_op exists (the Triton route registers its kernels with it)."""
+    return '' if torch_at_least(CUSTOM_OPS) else (
+        f'needs torch >= 2.4 (torch.library.custom_op); this is torch {torch.__version__}')
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (triton >= 3.4 keeps the setting in knobs)."""
+    import triton
+    knobs = getattr(triton, 'knobs', None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+# --- the installed stack as a whole -------------------------------------------------------------
+def stack_problems() -> List[str]:
+    """Installed combinations that cannot work, each with its fix (main.py and the tools stop on them)."""
+    problems = []
+    try:
+        import numpy
+    except ImportError:
+        numpy = None
+    if numpy is not None and int(numpy.__version__.split('.')[0]) >= 2 and not torch_at_least(NUMPY2_ABI):
+        problems.append(f'torch {torch.__version__} was built against NumPy 1.x and cannot exchange arrays with '
+                        f'NumPy {numpy.__version__}: pip install "numpy<2"')
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if timm is not None and TorchVersion(timm.__version__) < TIMM_MIN:
+        problems.append(f'timm {timm.__version__} is older than {".".join(map(str, TIMM_MIN))}: '
+                        f'pip install "timm>={".".join(map(str, TIMM_MIN))},<1.1"')
+    return problems
+
+
+def describe() -> str:
+    """One line naming the stack (settings log line, reports)."""
+    import platform
+    parts = [f'python {platform.python_version()}', f'torch {torch.__version__}']
+    for name in ('torchvision', 'timm', 'numpy'):
+        try:
+            parts.append(f'{name} {__import__(name).__version__}')
+        except ImportError:
+            parts.append(f'{name} missing')
+    return ', '.join(parts)
