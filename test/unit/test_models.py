@@ -19,7 +19,7 @@ ALIASES = {'van_tiny': 'van_b0', 'van_small': 'van_b1', 'van_base': 'van_b2', 'v
 
 def _fixtures_dir() -> Path:
     # The repository sits beside shared/ (<x>/main and <x>/shared); a git worktree sits one level deeper.
-    for parent in Path(__file__).resolve().parents[3:5]:
+    for parent in list(Path(__file__).resolve().parents)[3:5]:
         if (parent / 'shared' / 'fixtures').is_dir():
             return parent / 'shared' / 'fixtures'
     pytest.skip('reference fixtures not found: expected shared/fixtures beside the repository')
