@@ -12,6 +12,7 @@ reverse) and five of the gates are needed inside models/.
 """
 import functools
 import os
+import sys
 from typing import Callable, List
 
 import torch
@@ -167,6 +168,16 @@ def stack_problems() -> List[str]:
         problems.append(f'timm {timm.__version__} is older than {".".join(map(str, TIMM_MIN))}: '
                         f'pip install "timm>={".".join(map(str, TIMM_MIN))},<1.1"')
     return problems
+
+
+def require_working_stack() -> None:
+    """Stop with `error:` lines and exit status 2 when stack_problems() finds any (models/__init__.py calls it,
+    so main.py, the tools and the tests stop before an import or a data loader fails deep inside torch)."""
+    problems = stack_problems()
+    if problems:
+        for problem in problems:
+            print(f'error: {problem}', file=sys.stderr)
+        raise SystemExit(2)
 
 
 def describe() -> str:

@@ -31,7 +31,7 @@ def _torch_grad_scaler(device_type: str, init_scale: Optional[float]):
 
 
 def _torch_npu_grad_scaler(device_type: str, init_scale: Optional[float]):
-    # torch_npu's own scaler (torch_npu/npu/amp/grad_scaler.py), not torch.amp.GradScaler('npu'): on the
+    # torch_npu's own scaler (torch_npu/npu/amp/grad_scaler.py), not torch's generic scaler for 'npu': on the
     # Atlas training series (910A, is_support_inf_nan() False) float16 overflow saturates instead of giving
     # inf/NaN, and only this scaler clears the overflow flag in scale() and all-reduces the overflow count
     # (_sync_dist_overflow_count), so every rank skips the same steps; it also unscales a fused optimizer's
