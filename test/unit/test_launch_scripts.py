@@ -344,6 +344,14 @@ def test_bad_arguments_fail_fast_with_one_clear_line(repo, args, message):
     assert not (repo / "test" / "output").exists()
 
 
+def test_help_prints_the_usage_and_runs_nothing(repo):
+    result = run_script(repo, "train_eval_1p.sh", "--data_path=data/digits", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: bash test/train_eval_1p.sh [--data_path=DIR] [--pth_path=FILE|DIR]")
+    assert "Positional DIR [FILE] are --data_path [--pth_path]" in result.stdout
+    assert calls(repo) == [] and not (repo / "test" / "output").exists()
+
+
 def test_eval_and_finetune_without_a_checkpoint_fail_before_running(repo):
     result = run_script(repo, "train_eval_8p.sh", "data/digits")
     assert result.returncode == 2 and "--pth_path=FILE is required: the checkpoint to evaluate" in result.stderr
