@@ -205,3 +205,14 @@ def test_the_launcher_refuses_defaults_that_miss_a_variable(capsys):
     with pytest.raises(SystemExit) as stop:
         main(['1p', 'perf', '--script', 's.sh', '--caller-dir', '/c', 'model=van_b0', '--'])
     assert stop.value.code == 2 and 'NAME=DEFAULT once for each of Network, model' in capsys.readouterr().err
+
+
+def test_the_launcher_runs_without_torch_in_a_fresh_interpreter():
+    # Every launch script starts with it: it must start fast and need nothing heavy.
+    code = 'import sys, runpy; sys.argv = ["launcher", "1p", "perf", "--script", "s.sh", "--caller-dir", "/c", ' \
+           f'*{[f"{k}={v}" for k, v in DEFAULTS.items()]!r}, "--"]\ntry:\n' \
+           '    runpy.run_module("utils.launcher", run_name="__main__")\nexcept SystemExit:\n    pass\n' \
+           'assert "torch" not in sys.modules, "utils.launcher imported torch"\n'
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "CaseName=VAN_Classification_bs128_1p_perf" in result.stdout.splitlines()
