@@ -128,6 +128,27 @@ def _integer(option: str, value: str, minimum: int) -> int:
     return int(value)
 
 
+def _check_processes(mode: str, values: dict, multi_node: List[str], environ: Mapping[str, str]) -> int:
+    """Check the options of the processes (device id, or the torchrun layout) and return how many run."""
+    if mode == '1p':
+        if multi_node:
+            raise LaunchOptionError(f'{multi_node[0]} is for the 8p scripts; this 1p script runs one process')
+        values['device_id'] = values['device_id'] or environ.get('ASCEND_DEVICE_ID', '')
+        if values['device_id']:
+            _integer('--device_id', values['device_id'], 0)
+        return 1
+    if values['device_id']:
+        raise LaunchOptionError('--device_id is for the 1p scripts; 8p runs use local ranks 0..nproc-1')
+    for option, variable, minimum in INTEGER_MINIMUMS_8P:  # as decimal numbers, for bash's arithmetic too
+        values[variable] = str(_integer(option, values[variable], minimum))
+    nproc, nnodes, node_rank = (int(values[variable]) for variable in ('nproc', 'nnodes', 'node_rank'))
+    if node_rank >= nnodes:
+        raise LaunchOptionError(f'--node_rank={values["node_rank"]} must be below --nnodes={values["nnodes"]}')
+    if nnodes != 1 and not values['master_addr']:
+        raise LaunchOptionError(f'--nnodes={values["nnodes"]} needs --master_addr=<address of node 0>')
+    return nproc * nnodes
+
+
 def launch_plan(mode: str, kind: str, args: Sequence[str], defaults: Mapping[str, str], caller_dir: str = '.',
                 pth_required: bool = False, environ: Mapping[str, str] = os.environ) -> Optional[dict]:
     """The values a `mode` (1p/8p) script of `kind` (perf/acc/eval) runs with: VARIABLES (strings), extra_args,
@@ -144,24 +165,7 @@ def launch_plan(mode: str, kind: str, args: Sequence[str], defaults: Mapping[str
     for variable, given in zip(('data_path', 'pth_path'), positional):
         values[variable] = _abspath(given or values[variable], caller_dir)
     values['output_root'] = _abspath(values['output_root'], caller_dir)
-    if mode == '1p':
-        if multi_node:
-            raise LaunchOptionError(f'{multi_node[0]} is for the 8p scripts; this 1p script runs one process')
-        values['device_id'] = values['device_id'] or environ.get('ASCEND_DEVICE_ID', '')
-        if values['device_id']:
-            _integer('--device_id', values['device_id'], 0)
-        rank_size = 1
-    else:
-        if values['device_id']:
-            raise LaunchOptionError('--device_id is for the 1p scripts; 8p runs use local ranks 0..nproc-1')
-        for option, variable, minimum in INTEGER_MINIMUMS_8P:  # as decimal numbers, for bash's arithmetic too
-            values[variable] = str(_integer(option, values[variable], minimum))
-        nproc, nnodes, node_rank = (int(values[variable]) for variable in ('nproc', 'nnodes', 'node_rank'))
-        if node_rank >= nnodes:
-            raise LaunchOptionError(f'--node_rank={values["node_rank"]} must be below --nnodes={values["nnodes"]}')
-        if nnodes != 1 and not values['master_addr']:
-            raise LaunchOptionError(f'--nnodes={values["nnodes"]} needs --master_addr=<address of node 0>')
-        rank_size = nproc * nnodes
+    rank_size = _check_processes(mode, values, multi_node, environ)
     if not values['pth_path'] and (kind == 'eval' or pth_required):
         raise LaunchOptionError('--pth_path=FILE is required: the checkpoint to '
                                 + ('evaluate' if kind == 'eval' else 'start from'))
