@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import timm
 import torch
@@ -28,18 +28,18 @@ from utils.amp import amp_backend_for, create_precision
 from utils.checkpoint import (BEST_FILE, CHECKPOINTS_ON_DISK, LAST_FILE, RunCheckpoints, check_output_dir,
                               estimate_checkpoint_bytes, find_checkpoint, prepare_run_dir, resolve_run_dir, run_options,
                               save_run_args, training_state)
-from utils.data import (build_datasets, build_loaders, build_mixup, build_train_criterion, check_dataset_layout,
-                        find_class_map, find_split_dirs)
+from utils.data import (RunData, build_datasets, build_loaders, build_mixup, build_train_criterion,
+                        check_dataset_layout, find_class_map, find_split_dirs)
 from utils.device import (DistEnv, check_memory_format, cleanup_distributed, is_peer_failure, peer_failure_message,
                           pin_memory_settings, setup_device)
-from utils.engine import TrainingParts, TrainSettings, evaluate, fit
+from utils.engine import TrainingParts, TrainSettings, evaluate_parts, fit
 from utils.errors import DatasetError, ModelError, UserError
 from utils.images import resolve_eval_config
 from utils.optim import create_optimizer, create_scheduler
 from utils.options import (adopt_optimizer_options, eval_overrides, parse_args, plain_args, resolve_recipe,
                            schedule_options, train_augmentation, train_settings)
 from utils.reporting import (LOG_FILE, RESULTS_FILE, TENSORBOARD_DIR, RunReport, RunResults, create_writer,
-                             plot_run_curves, progress_enabled, setup_logger)
+                             progress_enabled, setup_logger)
 from utils.resume import Preempted, ResumePoint, restore_training, set_seed
 
 
@@ -53,15 +53,6 @@ class RunContext:
     classes: Dict[str, int]  # class folder -> index, from the training split
     results: RunResults
     show_progress: bool  # a progress bar only where someone watches (rank 0, stderr a terminal)
-
-
-@dataclass
-class Data:
-    train_set: Any  # None for --eval
-    val_set: Any
-    class_to_idx: Dict[str, int]
-    train_loader: Any
-    val_loader: Any
 
 
 def setup(args, resources: contextlib.ExitStack, started: Optional[float]) -> RunContext:
@@ -124,7 +115,7 @@ def build_model(args, ctx: RunContext) -> torch.nn.Module:
     return model
 
 
-def build_data(args, ctx: RunContext, model: torch.nn.Module) -> Data:
+def build_data(args, ctx: RunContext, model: torch.nn.Module) -> RunData:
     """Datasets and loaders, preprocessed as the model's config (and the options) say."""
     data_config = resolve_eval_config(model, eval_overrides(args))
     train_set, val_set, class_to_idx = build_datasets(args.data_path, data_config, train_augmentation(args), args.seed,
@@ -137,7 +128,7 @@ def build_data(args, ctx: RunContext, model: torch.nn.Module) -> Data:
     ctx.logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {model.num_classes} '
                     f'classes, {len(train_set) if train_set else "-"} train / {len(val_set)} val images, '
                     f'input {data_config.input_size}')
-    return Data(train_set, val_set, class_to_idx, train_loader, val_loader)
+    return RunData(train_set, val_set, class_to_idx, train_loader, val_loader)
 
 
 def place_model(args, ctx: RunContext, model: torch.nn.Module) -> torch.nn.Module:
@@ -155,7 +146,7 @@ def place_model(args, ctx: RunContext, model: torch.nn.Module) -> torch.nn.Modul
 
 
 def build_training(args, ctx: RunContext, model: torch.nn.Module,
-                   data: Data) -> Tuple[TrainingParts, ResumePoint, TrainSettings]:
+                   data: RunData) -> Tuple[TrainingParts, ResumePoint, TrainSettings]:
     """Optimizer, precision, EMA and schedule, continued from the --resume checkpoint; returns the parts, where
     the run continues and the settings of the loops."""
     dist_env, logger, device = ctx.dist_env, ctx.logger, ctx.dist_env.device
@@ -190,15 +181,7 @@ def build_training(args, ctx: RunContext, model: torch.nn.Module,
     return parts, resume, settings
 
 
-def evaluate_only(ctx: RunContext, parts: TrainingParts, settings: TrainSettings) -> None:
-    # The bare model: DDP's forward would sync buffers, and ranks hold unequal shards.
-    metrics = evaluate(parts.eval_model, parts.val_loader, ctx.dist_env.device, ctx.dist_env, ctx.logger,
-                       autocast=parts.precision.autocast, log_interval=settings.log_interval,
-                       channels_last=settings.channels_last, show_progress=settings.show_progress)
-    ctx.results.set_evaluation(metrics)
-
-
-def train(args, ctx: RunContext, parts: TrainingParts, resume: ResumePoint, settings: TrainSettings, data: Data) -> None:
+def train(args, ctx: RunContext, parts: TrainingParts, resume: ResumePoint, settings: TrainSettings, data: RunData) -> None:
     """Train to the end of the schedule, saving and reporting each epoch; then the curves and the best line."""
     dist_env, logger = ctx.dist_env, ctx.logger
     parts.mixup_fn = build_mixup(args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob, args.mixup_switch_prob,
@@ -213,16 +196,7 @@ def train(args, ctx: RunContext, parts: TrainingParts, resume: ResumePoint, sett
     parts.report = RunReport.for_run(ctx.run_dir, dist_env.is_main, logger, tensorboard, ctx.results)
     ctx.results.start(resume.epoch)
     best = fit(parts, settings, dist_env, logger, ctx.run_dir, resume)
-    parts.report.close()
-    ctx.results.set_best(best)
-    ctx.results.finish()
-    if dist_env.is_main:
-        plot_run_curves(ctx.run_dir, logger)
-    if best is not None:
-        if parts.model_ema is not None:
-            logger.info(f"best metric: the EMA weights' (state_dict_ema in {BEST_FILE}; tools/export_weights.py "
-                        '--ema exports them, --eval/--pretrained load the regular state_dict)')
-        logger.info(f'*** Best metric: {best[0]:.3f} (epoch {best[1]})')
+    parts.report.finish(best, ctx.run_dir, logger, ema_file=BEST_FILE if parts.model_ema is not None else None)
 
 
 def run(args, resources: contextlib.ExitStack, started: Optional[float] = None) -> None:
@@ -233,7 +207,7 @@ def run(args, resources: contextlib.ExitStack, started: Optional[float] = None) 
     model = place_model(args, ctx, model)
     parts, resume, settings = build_training(args, ctx, model, data)
     if args.eval:
-        evaluate_only(ctx, parts, settings)
+        ctx.results.set_evaluation(evaluate_parts(parts, settings, ctx.dist_env, ctx.logger))
     else:
         train(args, ctx, parts, resume, settings, data)
 

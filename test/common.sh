@@ -2,10 +2,10 @@
 #
 # A launch script sets the defaults that differ between scripts (epochs, ...) and calls
 #   launch <1p|8p> <perf|acc|eval> "$@"
-# which reads the script's own options, recreates test/output/<device id>/, falls back to the demo
-# dataset when --data_path is absent, runs main.py (tools/torchrun.py for 8p) into train_<device id>.log,
-# and has utils/modelzoo.py print the "Final result" block and write the summary <CaseName>.log and the
-# loss file from main.py's results file. main.py checks every option it takes (data, weights, values).
+# which has utils/launcher.py read and check the script's own options (all others go to main.py, which
+# checks them), recreates test/output/<device id>/, falls back to the demo dataset when --data_path is absent,
+# runs main.py (tools/torchrun.py for 8p) into train_<device id>.log, and has utils/modelzoo.py print the
+# "Final result" block and write the summary <CaseName>.log and the loss file from main.py's results file.
 
 TEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$TEST_DIR")
@@ -24,99 +24,29 @@ device="auto"
 device_id=""              # 1p only; empty: ASCEND_DEVICE_ID from the environment, else 0
 nproc=8 nnodes=1 node_rank=0 master_addr="" master_port="${MASTER_PORT:-29500}"  # 8p only
 data_path="" pth_path="" output_root="" experiment=""  # output: <repo>/output/train; experiment: <CaseName>-<date>
-extra_args=()             # main.py options passed through unchanged
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 
 die() { echo "error: $2" >&2; exit "$1"; }  # die <exit code> <message>
 
-usage() {
-    cat <<EOF
-usage: bash test/$(basename "$0") [--data_path=DIR] [--pth_path=FILE|DIR] [--device=auto|npu|cuda|cpu]
-       [--device_id=N (1p)] [--nproc=N --nnodes=N --node_rank=N --master_addr=HOST --master_port=N (8p)]
-       [--workers=N] [--no-amp] [any main.py option, e.g. --model=van_b0 --batch-size=32 --img-size=64]
-  Options take --name=value or --name value. Positional DIR [FILE] are --data_path [--pth_path].
-  Without --data_path the demo dataset (scikit-learn digits, data/demo) is created and used.
-EOF
-}
-
-_abspath() { case $1 in /*|'') printf '%s\n' "$1" ;; *) printf '%s\n' "$CALLER_PWD/$1" ;; esac; }
-_int() { [[ $2 =~ ^[0-9]+$ ]] && (( $2 >= $3 )) || die 2 "$1 must be an integer >= $3, got '$2'"; }
-
-# The options the script itself uses, and the variable each sets; all others go to main.py unchanged.
-declare -A SCRIPT_OPTIONS=(
-    [--data_path]=data_path [--data-path]=data_path [--pth_path]=pth_path [--pth-path]=pth_path
-    [--ckpt_path]=pth_path [--pretrained]=pth_path [--device]=device [--device_id]=device_id [--device-id]=device_id
-    [--model]=model [--batch-size]=batch_size [--batch_size]=batch_size [-b]=batch_size [--epochs]=epochs
-    [--cooldown-epochs]=cooldown_epochs [--output]=output_root [--experiment]=experiment
-    [--nproc]=nproc [--nproc_per_node]=nproc [--nnodes]=nnodes [--node_rank]=node_rank [--node-rank]=node_rank
-    [--master_addr]=master_addr [--master-addr]=master_addr [--master_port]=master_port [--master-port]=master_port)
-MULTI_NODE_VARIABLES=" nproc nnodes node_rank master_addr master_port "  # 8p only
-
-# parse_args <1p|8p> <perf|acc|eval> [script arguments...]: sets the variables above; the other options go
-# to extra_args with every bare word after them (some take several values, e.g. --scale 0.5 1).
-parse_args() {
+# read_arguments <1p|8p> <perf|acc|eval> [script arguments...]: sets the variables above, extra_args (main.py's
+# options), rank_size, CaseName and modelzoo_case as utils/launcher.py says (it prints --help and the errors).
+read_arguments() {
     launch_mode=$1 run_kind=$2
     shift 2
-    local positional=() multi_opts=() seen_option=0 arg name value has_value variable
-    while (( $# )); do
-        arg=$1
-        shift
-        case $arg in
-            -h|--help) usage; exit 0 ;;
-            --*=*) name=${arg%%=*} value=${arg#*=} has_value=1 ;;
-            -b?*) name=-b value=${arg:2} has_value=1 ;;   # -b32
-            -*) name=$arg value="" has_value=0 ;;
-            *) (( seen_option )) && die 2 "unexpected argument '$arg': positional DIR [FILE] must come before options (see --help)"
-               positional+=("$arg"); continue ;;
-        esac
-        seen_option=1
-        variable=${SCRIPT_OPTIONS[$name]:-}
-        case $name in
-            --amp|--no-amp) (( has_value )) && die 2 "$name takes no value (--amp or --no-amp turns AMP on or off)"
-                            amp=$([[ $name == --amp ]] && echo 1 || echo 0); continue ;;
-            --eval) die 2 "--eval is chosen by the script: use train_eval_1p.sh / train_eval_8p.sh" ;;
-        esac
-        if [[ -z $variable ]]; then
-            extra_args+=("$arg")
-            (( has_value )) || while (( $# )) && [[ $1 != -* ]]; do extra_args+=("$1"); shift; done
-            continue
-        fi
-        if (( ! has_value )); then  # the value is the next word
-            (( $# )) && [[ -n $1 && $1 != -* ]] || die 2 "$name needs a value"
-            value=$1
-            shift
-        fi
-        [[ -n $value ]] || die 2 "$name= is empty; give a value or leave the option out"
-        printf -v "$variable" '%s' "$value"
-        [[ $MULTI_NODE_VARIABLES == *" $variable "* ]] && multi_opts+=("$name")
-    done
-    (( ${#positional[@]} <= 2 )) || die 2 "too many positional arguments: ${positional[*]} (expected DIR [FILE])"
-    data_path=$(_abspath "${positional[0]:-$data_path}") pth_path=$(_abspath "${positional[1]:-$pth_path}")
-    output_root=$(_abspath "$output_root")
-    if [[ $launch_mode == 1p ]]; then
-        (( ${#multi_opts[@]} == 0 )) || die 2 "${multi_opts[0]} is for the 8p scripts; this 1p script runs one process"
-        device_id=${device_id:-${ASCEND_DEVICE_ID:-}}
-        [[ -z $device_id ]] || _int --device_id "$device_id" 0
-        rank_size=1
-    else
-        [[ -z $device_id ]] || die 2 "--device_id is for the 1p scripts; 8p runs use local ranks 0..nproc-1"
-        _int --nproc "$nproc" 1; _int --nnodes "$nnodes" 1; _int --node_rank "$node_rank" 0; _int --master_port "$master_port" 1
-        (( node_rank < nnodes )) || die 2 "--node_rank=$node_rank must be below --nnodes=$nnodes"
-        (( nnodes == 1 )) || [[ -n $master_addr ]] || die 2 "--nnodes=$nnodes needs --master_addr=<address of node 0>"
-        rank_size=$(( nproc * nnodes ))
-    fi
-    # The launcher's own interface: a finetune or an evaluation starts from the weights it is given.
-    [[ -n $pth_path ]] || ! { [[ $run_kind == eval ]] || (( ${pth_required:-0} )); } \
-        || die 2 "--pth_path=FILE is required: the checkpoint to $([[ $run_kind == eval ]] && echo evaluate || echo start from)"
     [[ -n $PYTHON ]] || die 1 "no python on PATH; activate the environment from README.md (pip install -r requirements.txt -r requirements-dev.txt)"
-    modelzoo_case=(--network "$Network" --batch-size "$batch_size" --rank-size "$rank_size" --kind "$run_kind")
-    CaseName=$("$PYTHON" -m utils.modelzoo case-name "${modelzoo_case[@]}") || die 1 "cannot run $PYTHON -m utils.modelzoo"
+    local variable defaults=() plan
+    for variable in Network model batch_size amp epochs cooldown_epochs device device_id nproc nnodes node_rank \
+                    master_addr master_port data_path pth_path output_root experiment; do
+        defaults+=("$variable=${!variable}")
+    done
+    plan=$("$PYTHON" -m utils.launcher "$launch_mode" "$run_kind" --script "$(basename "$0")" \
+           --caller-dir "$CALLER_PWD" ${pth_required:+--pth-required} "${defaults[@]}" -- "$@") || exit
+    eval "$plan"
 }
 
 # Recreates test/output/<id>/ and makes sure there is data to train on.
 prepare_run() {
-    ASCEND_DEVICE_ID=${device_id:-0}
-    export ASCEND_DEVICE_ID
+    export ASCEND_DEVICE_ID=${device_id:-0}
     # Pin the 1p run to one physical device; main.py then sees it as device 0.
     [[ -z $device_id ]] || export ASCEND_RT_VISIBLE_DEVICES=$device_id CUDA_VISIBLE_DEVICES=$device_id
     [[ ${etp_running_flag:-} == true ]] || source "$TEST_DIR/env_npu.sh"
@@ -161,7 +91,7 @@ _stopped_hint() {
 
 # launch <1p|8p> <perf|acc|eval> [script arguments...]: the whole script.
 launch() {
-    parse_args "$@"
+    read_arguments "$@"
     prepare_run
     build_command
     echo "Running: ${main_cmd[*]}"

@@ -19,11 +19,12 @@
     reporting    log, progress bars, summary.csv, TensorBoard, curves.png and the results file,
                  all from one list of summary columns
     modelzoo     the ModelZoo summary and loss file from the results file (the launch scripts' report)
+    launcher     the launch scripts' own options and their rules (test/common.sh evals its answer)
     inference    a ready-to-run model from any checkpoint file, for the tools
     step_profile time per kernel class of one training step (tools/benchmark.py, tools/gpu_report.py)
 
-Importing `utils` imports none of them (modelzoo, errors and reporting need no torch).
+Importing `utils` imports none of them (launcher, modelzoo, errors and reporting need no torch).
 """
 
 __all__ = ['options', 'errors', 'device', 'amp', 'optim', 'data', 'images', 'checkpoint', 'resume', 'engine',
-           'reporting', 'modelzoo', 'inference', 'step_profile']
+           'reporting', 'modelzoo', 'launcher', 'inference', 'step_profile']

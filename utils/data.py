@@ -364,6 +364,16 @@ class StopSignalSafeLoader(DataLoader):
             return super().__iter__()
 
 
+class RunData(NamedTuple):
+    """The datasets of a run and their loaders (build_datasets, build_loaders); the training ones are None
+    for an evaluation."""
+    train_set: Optional[Dataset]
+    val_set: Dataset
+    class_to_idx: Dict[str, int]
+    train_loader: Optional[SkipCounter]
+    val_loader: SkipCounter
+
+
 def build_loaders(train_set: Optional[Dataset], val_set: Dataset, batch_size: int, val_batch_size: int,
                   workers: int, rank: int, world_size: int, seed: int, pin_memory: bool,
                   pin_memory_device: str = ''):

@@ -314,6 +314,16 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dist_env: Dis
     return metrics
 
 
+def evaluate_parts(parts: TrainingParts, settings: TrainSettings, dist_env: DistEnv, logger, ema: bool = False) -> dict:
+    """`evaluate` of the parts' evaluation model (with `ema`, the EMA weights) on their validation loader, as
+    the settings say. Never the DDP wrapper: its forward would sync buffers, and ranks hold unequal shards."""
+    model = parts.model_ema.module if ema else parts.eval_model
+    return evaluate(model, parts.val_loader, device=dist_env.device, dist_env=dist_env, logger=logger,
+                    autocast=parts.precision.autocast, log_interval=settings.log_interval,
+                    channels_last=settings.channels_last, log_prefix='EMA ' if ema else '',
+                    show_progress=settings.show_progress)
+
+
 class _Training:
     """What `fit` shares between its steps: the parts, the settings, the place and the non-finite guard."""
 
@@ -380,14 +390,11 @@ class _Training:
         if settings.dist_bn:
             distribute_bn(parts.model, dist_env.world_size, reduce=settings.dist_bn == 'reduce')
         self.check_state(f'after epoch {epoch}')
-        kwargs = dict(device=dist_env.device, dist_env=dist_env, logger=self.logger, autocast=parts.precision.autocast,
-                      log_interval=settings.log_interval, channels_last=settings.channels_last,
-                      show_progress=settings.show_progress)
-        metrics = evaluate(parts.eval_model, parts.val_loader, **kwargs)
+        metrics = evaluate_parts(parts, settings, dist_env, self.logger)
         if parts.model_ema is not None:
             if settings.dist_bn:
                 distribute_bn(parts.model_ema, dist_env.world_size, reduce=settings.dist_bn == 'reduce')
-            metrics = evaluate(parts.model_ema.module, parts.val_loader, log_prefix='EMA ', **kwargs)
+            metrics = evaluate_parts(parts, settings, dist_env, self.logger, ema=True)
         return metrics
 
 

@@ -14,7 +14,7 @@ ModelError or CheckpointError where they reach a user).
 
 __all__ = ['UserError', 'OptionError', 'DatasetError', 'BadImageError', 'UnreadableDatasetError', 'CheckpointError',
            'CheckpointWriteError', 'OutputDirError', 'RunDirBusyError', 'DeviceError', 'AmpError', 'ModelError',
-           'NonFiniteLossError', 'NonFiniteStateError']
+           'NonFiniteLossError', 'NonFiniteStateError', 'LaunchOptionError']
 
 
 class UserError(Exception):
@@ -85,3 +85,8 @@ class NonFiniteLossError(UserError):
 class NonFiniteStateError(NonFiniteLossError):
     """The model's weights or statistics hold NaN or inf; the state is not saved and the run stops
     (utils.engine, utils.checkpoint)."""
+
+
+class LaunchOptionError(UserError):
+    """An argument of a launch script (test/*.sh) breaks one of the script's own rules: a misplaced or empty
+    option, an option of the other kind of script, a missing --pth_path (utils.launcher)."""

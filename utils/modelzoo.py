@@ -17,8 +17,8 @@ CaseName is <Network>_bs<batch per device>_<ranks>p_<perf|acc> (evaluation is an
 E2ETrainingTime is the launcher's wall time in seconds (interpreter and torchrun start included),
 the results file's own e2e_seconds when not given.
 
-The launch scripts call it through its command line, as does .ci/run to check a summary:
-    python -m utils.modelzoo case-name --network N --batch-size B --rank-size R --kind perf|acc|eval
+The launch scripts call it through its command line (utils.launcher names the case and gives the
+arguments), as does .ci/run to check a summary:
     python -m utils.modelzoo report --results R.json --out-dir DIR --network N --batch-size B --rank-size R
                                     --kind perf|acc|eval [--e2e-time SECONDS]
     python -m utils.modelzoo check SUMMARY.log --batch-size B --rank-size R --kind perf|acc|eval
@@ -157,16 +157,14 @@ def check_summary(path: str, kind: str, batch_size: int, rank_size: int) -> dict
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m utils.modelzoo', description=__doc__.split('\n\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
-    name = commands.add_parser('case-name', help='print the CaseName')
     report = commands.add_parser('report', help='print the Final result block, write the summary and loss file')
     check = commands.add_parser('check', help='check every field of a summary (CI)')
     check.add_argument('summary')
     report.add_argument('--results', required=True)
     report.add_argument('--out-dir', required=True)
     report.add_argument('--e2e-time', type=float, default=None, help='seconds (default: the results file\'s)')
-    for command in (name, report):
-        command.add_argument('--network', required=True)
-    for command in (name, report, check):
+    report.add_argument('--network', required=True)
+    for command in (report, check):
         command.add_argument('--batch-size', type=int, required=True)
         command.add_argument('--rank-size', type=int, required=True)
         command.add_argument('--kind', choices=KINDS, required=True)
@@ -175,9 +173,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == 'case-name':
-        print(case_name(args.network, args.batch_size, args.rank_size, args.kind))
-    elif args.command == 'report':
+    if args.command == 'report':
         try:
             write_report(args.results, args.out_dir, args.kind, args.network, args.batch_size, args.rank_size,
                          args.e2e_time)

@@ -493,7 +493,8 @@ def read_results(path) -> dict:
 
 class RunReport:
     """The per-epoch reports of a training run besides its log: summary.csv, TensorBoard and the results
-    file, written in that order after the epoch's checkpoint. `summary` is None except on rank 0."""
+    file, written in that order after the epoch's checkpoint; `finish` ends them when training ends.
+    `summary` is None except on rank 0."""
 
     def __init__(self, summary: Optional[SummaryFile] = None, tensorboard=None, results: Optional[RunResults] = None):
         self.summary = summary
@@ -519,3 +520,19 @@ class RunReport:
 
     def close(self) -> None:
         self.tensorboard.close()
+
+    def finish(self, best: Optional[tuple], run_dir: str, logger: logging.Logger, ema_file: Optional[str] = None) -> None:
+        """The end of training: close TensorBoard, finish the results file, draw curves.png (rank 0) and log the
+        best (top-1, epoch) as the run's last line. With an EMA, `ema_file` is the checkpoint whose
+        state_dict_ema holds the weights that best metric belongs to."""
+        self.close()
+        if self.results is not None:
+            self.results.set_best(best)
+            self.results.finish()
+        if self.summary is not None:
+            plot_run_curves(run_dir, logger)
+        if best is not None:
+            if ema_file:
+                logger.info(f"best metric: the EMA weights' (state_dict_ema in {ema_file}; tools/export_weights.py "
+                            '--ema exports them, --eval/--pretrained load the regular state_dict)')
+            logger.info(f'*** Best metric: {best[0]:.3f} (epoch {best[1]})')

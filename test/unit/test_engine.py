@@ -316,3 +316,31 @@ def test_a_full_disk_for_the_summary_keeps_the_checkpoint_and_the_run_goes_on(tm
     assert caplog.text.count('TensorBoard logs stopped: No space left on device') == 1
     with open(tmp_path / 'summary.csv') as f:
         assert [row['epoch'] for row in csv.DictReader(f)] == ['0', '1']  # epoch 0's row came with epoch 1's
+
+
+def test_evaluate_parts_runs_the_bare_evaluation_model_or_the_ema_weights(caplog):
+    from timm.utils import ModelEmaV3
+    from utils.engine import evaluate_parts
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    model_ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        model_ema.module.weight.mul_(-1.0)  # other predictions than the model's
+
+    def never(*args):
+        raise AssertionError('the training wrapper (DDP) must not evaluate')
+    train_model = torch.nn.Module()
+    train_model.forward = never
+    _, optimizer, precision = create_precision(model, torch.optim.SGD(model.parameters(), lr=0.1), CPU, enabled=False)
+    parts = TrainingParts(model, None, None, optimizer, precision, val_loader=batches(3), train_model=train_model,
+                          model_ema=model_ema)
+    settings = TrainSettings(log_interval=2)
+    with caplog.at_level(logging.INFO, logger='test-engine'):
+        metrics = evaluate_parts(parts, settings, DistEnv(CPU), LOGGER)
+        ema_metrics = evaluate_parts(parts, settings, DistEnv(CPU), LOGGER, ema=True)
+    lines = list(caplog.messages)
+    assert metrics == evaluate(model, batches(3), CPU, DistEnv(CPU), LOGGER)
+    assert ema_metrics == evaluate(model_ema.module, batches(3), CPU, DistEnv(CPU), LOGGER)
+    assert metrics != ema_metrics
+    assert len(lines) == 6 and not any(m.startswith('EMA ') for m in lines[:3])
+    assert all(m.startswith('EMA ') for m in lines[3:]) and lines[5].startswith('EMA * Acc@1 ')

@@ -60,7 +60,7 @@ case "$1 ${2:-}" in
         cp -r "$FAKE_DIR/index/." "$site/" && echo "Successfully installed (stand-in)"
         exit 0 ;;
     "-m pytest") shift 2; echo "pytest in $PWD: $*"; exit "${FAKE_PYTEST_RC:-0}" ;;
-    "-m utils.modelzoo") PYTHONPATH=$REAL_REPO exec "$REAL_PYTHON" "$@" ;;
+    "-m utils.launcher" | "-m utils.modelzoo") PYTHONPATH=$REAL_REPO exec "$REAL_PYTHON" "$@" ;;
     "tools/make_demo_data.py "*) exit 0 ;;
     "main.py "*)
         while (( $# )); do

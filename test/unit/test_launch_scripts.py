@@ -3,8 +3,8 @@
 The scripts are copied into a temporary repo so their test/output/ lands there, and main.py is
 replaced by a stand-in python (PYTHON=...) that records its command line, prints a log in the
 format main.py writes and writes the results file main.py would write for that log (--results).
-`python -m utils.modelzoo` runs for real. The tests marked slow run the real main.py through the
-scripts on a small dataset; the longer end-to-end runs on CPU are in .ci/run.
+`python -m utils.launcher` and `python -m utils.modelzoo` run for real. The tests marked slow run the
+real main.py through the scripts on a small dataset; the longer end-to-end runs on CPU are in .ci/run.
 """
 import os
 import json
@@ -50,7 +50,7 @@ Test: [   2/   3]  Loss: 0.6200 (0.6100)  Acc@1: 83.0000 (83.5000)  Acc@5: 98.80
 
 FAKE_PYTHON = """#!/bin/bash
 # Stand-in for python: records the call, then prints the prepared log and writes the prepared results
-# file like main.py would; python -m (utils.modelzoo) is the real interpreter.
+# file like main.py would; python -m (utils.launcher, utils.modelzoo) is the real interpreter.
 printf '%q ' "$@" >> "$FAKE_DIR/calls.txt"; echo >> "$FAKE_DIR/calls.txt"
 [[ $1 == -m ]] && PYTHONPATH=$REAL_REPO exec "$REAL_PYTHON" "$@"
 echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}" >> "$FAKE_DIR/env.txt"
@@ -118,7 +118,7 @@ def run_script(repo, script, *args, cwd=None, log=None, results=None, rc=0, env_
 
 
 def calls(repo):
-    """The stand-in's calls, without those of utils.modelzoo (python -m)."""
+    """The stand-in's calls, without those of utils.launcher and utils.modelzoo (python -m)."""
     path = repo.parent / "fake" / "calls.txt"
     lines = path.read_text().splitlines() if path.exists() else []
     return [call for call in map(shlex.split, lines) if call[:1] != ["-m"]]
@@ -342,6 +342,14 @@ def test_bad_arguments_fail_fast_with_one_clear_line(repo, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     assert calls(repo) == []  # nothing was started
     assert not (repo / "test" / "output").exists()
+
+
+def test_help_prints_the_usage_and_runs_nothing(repo):
+    result = run_script(repo, "train_eval_1p.sh", "--data_path=data/digits", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: bash test/train_eval_1p.sh [--data_path=DIR] [--pth_path=FILE|DIR]")
+    assert "Positional DIR [FILE] are --data_path [--pth_path]" in result.stdout
+    assert calls(repo) == [] and not (repo / "test" / "output").exists()
 
 
 def test_eval_and_finetune_without_a_checkpoint_fail_before_running(repo):

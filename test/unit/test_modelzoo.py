@@ -140,9 +140,11 @@ def test_the_ci_check_rejects_a_wrong_summary(edit, message, tmp_path):
 
 def test_the_command_line_runs_without_torch_in_a_fresh_interpreter(tmp_path):
     # The launch scripts call it once per run: it must start fast and need nothing heavy.
-    code = 'import sys, runpy; sys.argv = ["modelzoo", "case-name", "--network", "N", "--batch-size", "4", ' \
-           '"--rank-size", "2", "--kind", "perf"]\ntry:\n    runpy.run_module("utils.modelzoo", run_name="__main__")\n' \
+    results = write_results(tmp_path / 'results.json', 'perf', 4, 2, TRAINING)
+    argv = ['modelzoo', 'report', '--results', str(results), '--out-dir', str(tmp_path), '--network', 'N',
+            '--batch-size', '4', '--rank-size', '2', '--kind', 'perf']
+    code = f'import sys, runpy; sys.argv = {argv!r}\ntry:\n    runpy.run_module("utils.modelzoo", run_name="__main__")\n' \
            'except SystemExit:\n    pass\nassert "torch" not in sys.modules, "utils.modelzoo imported torch"\n'
     result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == 'N_bs4_2p_perf\n'
+    assert 'Final Performance images/sec : 64.00' in result.stdout and (tmp_path / 'N_bs4_2p_perf.log').is_file()
