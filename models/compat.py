@@ -26,6 +26,7 @@ NUMPY2_ABI = (2, 3)             # first torch wheels built against NumPy 2; olde
 DEVICE_AUTOCAST_API = (2, 4)    # torch.is_autocast_enabled(device), get_autocast_dtype, torch.amp.custom_fwd
 CUSTOM_OPS = (2, 4)             # torch.library.custom_op / register_fake / register_autograd / opcheck
 ONNX_DYNAMO_FLAG = (2, 5)       # torch.onnx.export(dynamo=...)
+SAFE_GLOBALS_CONTEXT = (2, 5)   # torch.serialization.safe_globals; before: weights-only loading has no allow-list context
 DATALOADER_PINS_FOR_ACCELERATOR = (2, 9)  # DataLoader pins for the current accelerator, ignores pin_memory_device
 TIMM_MIN = (1, 0, 12)           # timm.optim.get_optimizer_class / list_optimizers (utils/options.py)
 
@@ -121,6 +122,15 @@ def cpu_float16_reason() -> str:
     return '' if torch_at_least(CPU_GRAD_SCALER) else (
         f'float16 mixed precision on the CPU needs torch >= 2.3 (a CPU GradScaler); this is torch '
         f'{torch.__version__}. Use --amp-dtype bfloat16 (the CPU default, needs no scaler) or a newer torch.')
+
+
+# --- checkpoint loading -------------------------------------------------------------------------
+def weights_only_allowing(extra_globals: list):
+    """A context in which torch.load(weights_only=True) also builds `extra_globals` (classes), or None where
+    torch has no such context (before 2.5; add_safe_globals of 2.4 would change the whole process)."""
+    if not torch_at_least(SAFE_GLOBALS_CONTEXT):
+        return None
+    return torch.serialization.safe_globals(extra_globals)
 
 
 # --- export, data loading, custom ops, Triton ----------------------------------------------------
