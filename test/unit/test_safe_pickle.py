@@ -21,14 +21,6 @@ REFUSAL = re.compile(r"refusing to read \S+: it contains objects of (\S+), and u
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _fixture(name):
-    # The repository sits beside shared/ (<x>/main and <x>/shared); a git worktree sits one level deeper.
-    for parent in Path(__file__).resolve().parents:
-        if (parent / 'shared' / 'fixtures' / name).is_file():
-            return parent / 'shared' / 'fixtures' / name
-    pytest.skip(f'reference fixture not found: expected shared/fixtures/{name} beside the repository')
-
-
 def _same(a, b):
     """Equal values of equal types, all the way down (tensors: dtype, shape, class and values)."""
     if torch.is_tensor(a):
@@ -44,8 +36,8 @@ def _same(a, b):
     return type(a) is type(b) and a == b
 
 
-def test_official_release_file_reads_as_torch_reads_it():
-    path = _fixture('van_b0_ref_10cls.pth.tar')
+def test_official_release_file_reads_as_torch_reads_it(reference_fixtures):
+    path = reference_fixtures / 'van_b0_ref_10cls.pth.tar'
     loaded = safe_load(path)
     assert _same(loaded, torch.load(path, map_location='cpu', weights_only=False))
     assert loaded['arch'] == 'van_b0' and len(loaded['state_dict']) > 100
