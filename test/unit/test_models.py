@@ -1,5 +1,4 @@
 """VAN architecture: faithful to the reference (fixture outputs, parameter counts) and timm's model API."""
-from pathlib import Path
 
 import pytest
 import timm
