@@ -287,11 +287,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> None:
 # Custom ops: opaque to autograd and torch.compile, which see their fake functions and the
 # registered backward.
 # ---------------------------------------------------------------------------------------------
-# Defined on first use: torch.library.custom_op needs torch >= 2.4 (models/compat.py), and importing this
-# module must work on every supported torch.
-@functools.lru_cache(maxsize=None)
-def _ops() -> types.SimpleNamespace:
-    """The custom ops (registered once per process)."""
+# Registered at import where torch has torch.library.custom_op (2.4+, models/compat.py): importing this module
+# must work on every supported torch, and a registration first met inside torch.compile would break its graph.
+def _define_ops() -> types.SimpleNamespace:
+    """The custom ops (call once per process)."""
     @torch.library.custom_op('van_triton::dwconv', mutates_args=())
     def _dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
                 gelu: bool) -> torch.Tensor:
@@ -384,6 +383,9 @@ def _ops() -> types.SimpleNamespace:
                                  dwconv_gelu_grad=_dwconv_gelu_grad, dwconv_weight_grad=_dwconv_weight_grad)
 
 
+_OPS = None if compat.custom_ops_reason() else _define_ops()
+
+
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
                    gelu: bool = False) -> torch.Tensor:
     """F.conv2d(x, weight, bias, 1, dilation * (K // 2), dilation, C), then GELU if `gelu`, by the Triton kernels.
@@ -394,7 +396,7 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """
     if compat.autocast_enabled(x.device.type):
         x = x.to(compat.autocast_dtype(x.device.type))
-    return _ops().dwconv(x, weight, bias, dilation, gelu)
+    return _OPS.dwconv(x, weight, bias, dilation, gelu)
 
 
 _cpu_fallback_said = False
