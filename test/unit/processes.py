@@ -126,6 +126,10 @@ class Watched:
         except subprocess.TimeoutExpired:
             self.hung('The exit')
 
+    def send_signal(self, signum: int) -> None:
+        """Send `signum` to the child alone."""
+        self.process.send_signal(signum)
+
     def signal_group(self, signum: int) -> None:
         """Send `signum` to the child's process group, as a scheduler, torchrun or Ctrl-C does."""
         os.killpg(self.process.pid, signum)
