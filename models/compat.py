@@ -11,6 +11,7 @@ It lives in models/ because models/ is the lowest layer (utils/ and tools/ impor
 reverse) and five of the gates are needed inside models/.
 """
 import functools
+import gc
 import os
 import sys
 from typing import Callable, List
@@ -29,6 +30,8 @@ ONNX_DYNAMO_FLAG = (2, 5)       # torch.onnx.export(dynamo=...)
 SAFE_GLOBALS_CONTEXT = (2, 5)   # torch.serialization.safe_globals; before: weights-only loading has no allow-list context
 DATALOADER_PINS_FOR_ACCELERATOR = (2, 9)  # DataLoader pins for the current accelerator, ignores pin_memory_device
 TIMM_MIN = (1, 0, 12)           # timm.optim.get_optimizer_class / list_optimizers (utils/options.py)
+DIST_ERROR_CLASSES = (2, 2)     # torch.distributed.DistNetworkError, DistStoreError; before: plain RuntimeError
+PG_DEALLOC_RELEASES_GIL = (2, 8)  # ProcessGroup's binding releases the GIL while its backends stop (pytorch#154976)
 
 
 class UnsupportedError(RuntimeError):
@@ -131,6 +134,37 @@ def weights_only_allowing(extra_globals: list):
     if not torch_at_least(SAFE_GLOBALS_CONTEXT):
         return None
     return torch.serialization.safe_globals(extra_globals)
+
+
+# --- torch.distributed ---------------------------------------------------------------------------
+def dist_peer_error_classes() -> tuple:
+    """The torch.distributed error classes that always mean another process or the network failed (store and
+    network errors); empty before 2.2, where those are RuntimeErrors known only by their text."""
+    import torch.distributed as dist
+    return (dist.DistNetworkError, dist.DistStoreError) if torch_at_least(DIST_ERROR_CLASSES) else ()
+
+
+def destroy_process_group() -> None:
+    """torch.distributed.destroy_process_group() of the default group, without the deadlock of torch < 2.8.
+
+    Freeing a process group stops its backends, which join their worker threads. Before 2.8 the ProcessGroup's
+    Python binding does that holding the GIL, while a worker thread may still be letting go of the last
+    collective (a gloo AsyncWork) whose tensors Python has already dropped: freeing those needs the GIL, so
+    both threads wait for each other forever (seen at the end of torchrun runs on torch 2.1; fixed upstream by
+    pytorch#154976). The backends' own bindings (ProcessGroupGloo, ProcessGroupNCCL) have always released the
+    GIL while they stop, so on those releases this holds each backend, destroys the group, and then lets go of
+    the backends last: their threads stop with the GIL free.
+    """
+    import torch.distributed as dist
+    if torch_at_least(PG_DEALLOC_RELEASES_GIL):
+        dist.destroy_process_group()
+        return
+    group = dist.group.WORLD
+    backends = [group._get_backend(torch.device(device)) for device in group._device_types]
+    del group
+    dist.destroy_process_group()
+    gc.collect()  # a DDP module or a traceback in a reference cycle may still hold the group: free it now
+    del backends  # the last references: each backend stops its threads with the GIL released
 
 
 # --- export, data loading, custom ops, Triton ----------------------------------------------------

@@ -341,6 +341,7 @@ PEER_LOSS_SIGNS = (
     'Connection closed by peer', 'Connection reset by peer', 'Broken pipe',  # gloo / TCPStore: a peer died
     'Application timeout caused pair closure',  # gloo (e.g. DDP's buffer sync): a peer hangs
     'Timed out', 'timed out',  # gloo and the store waiting for a peer
+    'Socket Timeout',  # the store waiting for a peer, torch < 2.2 (a plain RuntimeError there)
     'Watchdog caught collective operation timeout',  # NCCL and HCCL (ProcessGroupHCCL.cpp) watchdogs
     'communicator was aborted', 'ncclRemoteError',  # NCCL: a peer failed or the network broke
     'SUSPECT REMOTE ERROR',  # HCCL device error blaming the remote side (ProcessGroupHCCL.cpp get_device_error)
@@ -351,8 +352,7 @@ def is_peer_failure(error: BaseException) -> bool:
     """True for the errors a collective raises when another process died, hung or lost its network."""
     # The store and network errors are about other processes; DistBackendError is any backend failure,
     # so like plain RuntimeErrors it counts only when its text says a peer was lost.
-    if isinstance(error, tuple(getattr(dist, name) for name in ('DistNetworkError', 'DistStoreError')
-                               if hasattr(dist, name))):
+    if isinstance(error, compat.dist_peer_error_classes()):
         return True
     text = str(error)
     return dist.is_available() and dist.is_initialized() and any(sign in text for sign in PEER_LOSS_SIGNS)
@@ -367,5 +367,6 @@ def peer_failure_message(error: BaseException) -> str:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group (last thing a distributed run does, after its checkpoints are written)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        compat.destroy_process_group()  # not torch's directly: before torch 2.8 that can deadlock
