@@ -20,7 +20,8 @@ VERSION_DEPENDENT = ['TorchVersion', 'is_in_torch_dispatch_mode', '_get_current_
                      'torch.compiler.is_compiling', 'torch._dynamo.is_compiling', 'torch.is_autocast_enabled(',
                      'torch.get_autocast_dtype(', 'torch.is_autocast_cpu_enabled', 'torch.amp.custom_fwd',
                      'torch.amp.custom_bwd', 'torch.amp.GradScaler(', 'torch.cuda.amp.GradScaler', 'dynamo=',
-                     'triton.knobs', 'serialization.safe_globals', 'add_safe_globals']
+                     'triton.knobs', 'serialization.safe_globals', 'add_safe_globals', 'dist.destroy_process_group(',
+                     'DistStoreError']
 
 
 def test_version_dependent_apis_are_used_only_in_the_gates_module():
