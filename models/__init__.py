@@ -12,6 +12,10 @@ fine-tuned 10-class file could not load whole; VAN files are therefore loaded by
 """
 from functools import partial
 
+from . import compat
+
+compat.require_working_stack()  # before timm: an older timm fails on imports further down
+
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from .van import ALIASES, RECIPE_DROP_PATH, VAN, VARIANTS, lka_impls, register_lka_impl, resolve_lka_impl

@@ -44,9 +44,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from . import native_kernels
+from . import compat, native_kernels
 from .routed_conv import RoutedConv2d, plain_conv2d_same
 
 __all__ = ['FastConv2d', 'fast_conv2d_same', 'depthwise_conv2d', 'polyphase_split', 'polyphase_merge']
@@ -168,7 +167,7 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
     # saved weight stays float32: custom_bwd replays the forward's autocast state in backward so the
     # backward convs see matching dtypes (autograd casts the returned gradients to the inputs' dtypes).
     @staticmethod
-    @torch.amp.custom_fwd(device_type='cpu')
+    @compat.custom_fwd('cpu')
     def forward(ctx, x, weight, bias, dilation):
         n, c, h, w = x.shape
         kh, kw = weight.shape[-2:]
@@ -183,7 +182,7 @@ class _DilatedDepthwiseConv(torch.autograd.Function):
         return y.contiguous(memory_format=ctx.meta[-1])
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type='cpu')
+    @compat.custom_bwd('cpu')
     def backward(ctx, grad):
         xs, live = ctx.saved_tensors
         dilation, (rh, rw), (kh, kw), size, memory_format = ctx.meta
@@ -271,8 +270,8 @@ def _native_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     modes (FLOP counters), which then see PyTorch's own ops instead."""
     kh, kw = weight.shape[-2:]
     return (kh == kw and weight.dtype == x.dtype and native_kernels.supports(x)
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and not is_in_torch_dispatch_mode())
+            and not torch.jit.is_tracing() and not compat.is_compiling()
+            and not compat.in_dispatch_mode())
 
 
 # 1x1 convs, channels_last, batch 32, float32, ms (oneDNN: its weight + bias gradient | ours: GEMM
@@ -290,8 +289,8 @@ def _pointwise_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     tracing and compiling, with a backward to come (its forward is F.conv2d's)."""
     return (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
             and x.device.type == 'cpu' and x.dim() == 4 and x.dtype == weight.dtype == torch.float32
-            and x.is_contiguous(memory_format=torch.channels_last) and not torch.is_autocast_enabled('cpu')
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+            and x.is_contiguous(memory_format=torch.channels_last) and not compat.autocast_enabled('cpu')
+            and not torch.jit.is_tracing() and not compat.is_compiling())
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, dilation: int) -> torch.Tensor:
@@ -344,7 +343,7 @@ class _PointwiseConv(torch.autograd.Function):
 def fast_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
                      depthwise: bool, gelu: bool) -> torch.Tensor:
     """plain_conv2d_same(x, weight, bias, dilation, depthwise), then GELU if `gelu`, by the fastest route."""
-    if depthwise and x.device.type == 'cpu' and x.dim() == 4 and not torch.compiler.is_compiling():
+    if depthwise and x.device.type == 'cpu' and x.dim() == 4 and not compat.is_compiling():
         # Under torch.compile the compiler picks its own kernels; the autograd.Function would only
         # break its graph.
         if gelu and _native_ok(x, weight):  # CPU, 4-D, not compiling: checked above

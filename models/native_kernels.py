@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import compat
+
 __all__ = ['available', 'unavailable_reason', 'supports', 'disabled', 'conv_forward', 'conv_weight_grad', 'gelu_backward']
 
 _SOURCE = Path(__file__).resolve().parent / 'csrc' / 'depthwise.c'
@@ -147,7 +149,7 @@ def unavailable_reason() -> Optional[str]:
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernels can take x: a float32 CPU map with channels a multiple of 8, outside autocast."""
     return (not _suspended and x.device.type == 'cpu' and x.dtype == torch.float32 and x.dim() == 4
-            and x.shape[1] % 8 == 0 and not torch.is_autocast_enabled('cpu') and available())
+            and x.shape[1] % 8 == 0 and not compat.autocast_enabled('cpu') and available())
 
 
 @contextlib.contextmanager

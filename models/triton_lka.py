@@ -52,6 +52,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import compat
 from .routed_conv import RoutedConv2d, plain_conv2d_same
 
 __all__ = ['TritonConv2d', 'available', 'unavailable_reason', 'depthwise_conv']
@@ -62,6 +63,9 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @functools.lru_cache(maxsize=None)
 def unavailable_reason() -> str:
     """Why the Triton kernels cannot run here ('' when they can)."""
+    reason = compat.custom_ops_reason()
+    if reason:
+        return reason
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -191,8 +195,7 @@ def _kernels() -> types.SimpleNamespace:
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"lka_impl 'triton': {reason}")
-    import triton
-    interpret = bool(triton.knobs.runtime.interpret)
+    interpret = compat.triton_interpreting()
     if interpret and not _library_interpreted():
         raise RuntimeError('TRITON_INTERPRET=1 was set after triton was imported (timm imports it); set it in the '
                            'environment before starting Python')
@@ -284,94 +287,103 @@ def _check(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> None:
 # Custom ops: opaque to autograd and torch.compile, which see their fake functions and the
 # registered backward.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op('van_triton::dwconv', mutates_args=())
-def _dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
-            gelu: bool) -> torch.Tensor:
-    """Stride-1 'same' depthwise conv (+ GELU); the result is channels_last, in x's dtype."""
-    _check(x, weight, dilation)
-    return _run_conv(x, weight, bias, dilation, 1 if gelu else 0)
+# Registered at import where torch has torch.library.custom_op (2.4+, models/compat.py): importing this module
+# must work on every supported torch, and a registration first met inside torch.compile would break its graph.
+def _define_ops() -> types.SimpleNamespace:
+    """The custom ops (call once per process)."""
+    @torch.library.custom_op('van_triton::dwconv', mutates_args=())
+    def _dwconv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
+                gelu: bool) -> torch.Tensor:
+        """Stride-1 'same' depthwise conv (+ GELU); the result is channels_last, in x's dtype."""
+        _check(x, weight, dilation)
+        return _run_conv(x, weight, bias, dilation, 1 if gelu else 0)
 
 
-@_dwconv.register_fake
-def _(x, weight, bias, dilation, gelu):
-    return torch.empty_like(x, memory_format=torch.channels_last)
+    @_dwconv.register_fake
+    def _(x, weight, bias, dilation, gelu):
+        return torch.empty_like(x, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op('van_triton::dwconv_input_grad', mutates_args=())
-def _dwconv_input_grad(grad: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
-    """Input gradient of the depthwise conv: the same conv of `grad` with the flipped kernel."""
-    _check(grad, weight, dilation)
-    return _run_conv(grad, weight.flip(-1, -2), None, dilation, 0)
+    @torch.library.custom_op('van_triton::dwconv_input_grad', mutates_args=())
+    def _dwconv_input_grad(grad: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
+        """Input gradient of the depthwise conv: the same conv of `grad` with the flipped kernel."""
+        _check(grad, weight, dilation)
+        return _run_conv(grad, weight.flip(-1, -2), None, dilation, 0)
 
 
-@_dwconv_input_grad.register_fake
-def _(grad, weight, dilation):
-    return torch.empty_like(grad, memory_format=torch.channels_last)
+    @_dwconv_input_grad.register_fake
+    def _(grad, weight, dilation):
+        return torch.empty_like(grad, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op('van_triton::dwconv_gelu_grad', mutates_args=())
-def _dwconv_gelu_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      dilation: int) -> torch.Tensor:
-    """grad * GELU'(conv(x) + bias): the gradient at the fused GELU's input, the conv recomputed."""
-    _check(x, weight, dilation)
-    return _run_conv(x, weight, bias, dilation, 2, grad=grad)
+    @torch.library.custom_op('van_triton::dwconv_gelu_grad', mutates_args=())
+    def _dwconv_gelu_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          dilation: int) -> torch.Tensor:
+        """grad * GELU'(conv(x) + bias): the gradient at the fused GELU's input, the conv recomputed."""
+        _check(x, weight, dilation)
+        return _run_conv(x, weight, bias, dilation, 2, grad=grad)
 
 
-@_dwconv_gelu_grad.register_fake
-def _(grad, x, weight, bias, dilation):
-    return torch.empty_like(grad, memory_format=torch.channels_last)
+    @_dwconv_gelu_grad.register_fake
+    def _(grad, x, weight, bias, dilation):
+        return torch.empty_like(grad, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op('van_triton::dwconv_weight_grad', mutates_args=())
-def _dwconv_weight_grad(grad: torch.Tensor, x: torch.Tensor, kernel_size: int,
-                        dilation: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(weight gradient (C, 1, K, K), bias gradient (C,)) in float32."""
-    _check(x, x.new_empty((x.shape[1], 1, kernel_size, kernel_size)), dilation)
-    kernels = _kernels()
-    x, grad = _channels_last(x), _channels_last(grad)
-    n, c, h, w = x.shape
-    pixels, taps = n * h * w, kernel_size * kernel_size
-    taps_pad = _pow2(taps)
-    block_p, block_c, chunks = weight_grad_tiles(pixels, c, taps_pad, x.device)
-    chunk_pixels = -(-(-(-pixels // chunks)) // block_p) * block_p
-    chunks = -(-pixels // chunk_pixels)
-    partial_w = torch.empty((chunks, taps, c), dtype=torch.float32, device=x.device)
-    partial_b = torch.empty((chunks, c), dtype=torch.float32, device=x.device)
-    with _on_device(x):
-        kernels.weight_grad[(chunks, -(-c // block_c))](
-            x, grad, partial_w, partial_b, pixels, h, w, c, chunk_pixels, KSIZE=kernel_size, DILATION=dilation,
-            TAPS_PAD=taps_pad, BLOCK_P=block_p, BLOCK_C=block_c)
-    return partial_w.sum(0).t().reshape(c, 1, kernel_size, kernel_size).contiguous(), partial_b.sum(0)
+    @torch.library.custom_op('van_triton::dwconv_weight_grad', mutates_args=())
+    def _dwconv_weight_grad(grad: torch.Tensor, x: torch.Tensor, kernel_size: int,
+                            dilation: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(weight gradient (C, 1, K, K), bias gradient (C,)) in float32."""
+        _check(x, x.new_empty((x.shape[1], 1, kernel_size, kernel_size)), dilation)
+        kernels = _kernels()
+        x, grad = _channels_last(x), _channels_last(grad)
+        n, c, h, w = x.shape
+        pixels, taps = n * h * w, kernel_size * kernel_size
+        taps_pad = _pow2(taps)
+        block_p, block_c, chunks = weight_grad_tiles(pixels, c, taps_pad, x.device)
+        chunk_pixels = -(-(-(-pixels // chunks)) // block_p) * block_p
+        chunks = -(-pixels // chunk_pixels)
+        partial_w = torch.empty((chunks, taps, c), dtype=torch.float32, device=x.device)
+        partial_b = torch.empty((chunks, c), dtype=torch.float32, device=x.device)
+        with _on_device(x):
+            kernels.weight_grad[(chunks, -(-c // block_c))](
+                x, grad, partial_w, partial_b, pixels, h, w, c, chunk_pixels, KSIZE=kernel_size, DILATION=dilation,
+                TAPS_PAD=taps_pad, BLOCK_P=block_p, BLOCK_C=block_c)
+        return partial_w.sum(0).t().reshape(c, 1, kernel_size, kernel_size).contiguous(), partial_b.sum(0)
 
 
-@_dwconv_weight_grad.register_fake
-def _(grad, x, kernel_size, dilation):
-    c = x.shape[1]
-    return (x.new_empty((c, 1, kernel_size, kernel_size), dtype=torch.float32),
-            x.new_empty((c,), dtype=torch.float32))
+    @_dwconv_weight_grad.register_fake
+    def _(grad, x, kernel_size, dilation):
+        c = x.shape[1]
+        return (x.new_empty((c, 1, kernel_size, kernel_size), dtype=torch.float32),
+                x.new_empty((c,), dtype=torch.float32))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, dilation, gelu = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.dilation, ctx.gelu = dilation, gelu
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, dilation, gelu = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.dilation, ctx.gelu = dilation, gelu
 
 
-def _backward(ctx, grad):
-    x, weight, bias = ctx.saved_tensors
-    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    if ctx.gelu:
-        grad = _dwconv_gelu_grad(grad, x, weight, bias, ctx.dilation)
-    grad_x = _dwconv_input_grad(grad, weight, ctx.dilation) if needs_x else None
-    grad_w = grad_b = None
-    if needs_w or needs_b:
-        grad_w, grad_b = _dwconv_weight_grad(grad, x, weight.shape[-1], ctx.dilation)
-        grad_w = grad_w.to(weight.dtype) if needs_w else None
-        grad_b = grad_b.to(bias.dtype) if needs_b else None
-    return grad_x, grad_w, grad_b, None, None
+    def _backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        if ctx.gelu:
+            grad = _dwconv_gelu_grad(grad, x, weight, bias, ctx.dilation)
+        grad_x = _dwconv_input_grad(grad, weight, ctx.dilation) if needs_x else None
+        grad_w = grad_b = None
+        if needs_w or needs_b:
+            grad_w, grad_b = _dwconv_weight_grad(grad, x, weight.shape[-1], ctx.dilation)
+            grad_w = grad_w.to(weight.dtype) if needs_w else None
+            grad_b = grad_b.to(bias.dtype) if needs_b else None
+        return grad_x, grad_w, grad_b, None, None
 
 
-_dwconv.register_autograd(_backward, setup_context=_setup_context)
+    _dwconv.register_autograd(_backward, setup_context=_setup_context)
+    return types.SimpleNamespace(dwconv=_dwconv, dwconv_input_grad=_dwconv_input_grad,
+                                 dwconv_gelu_grad=_dwconv_gelu_grad, dwconv_weight_grad=_dwconv_weight_grad)
+
+
+_OPS = None if compat.custom_ops_reason() else _define_ops()
 
 
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int,
@@ -382,9 +394,9 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     their dtype (the kernels read them into float32 accumulators either way), so their gradients stay
     float32. The result is channels_last.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    return _dwconv(x, weight, bias, dilation, gelu)
+    if compat.autocast_enabled(x.device.type):
+        x = x.to(compat.autocast_dtype(x.device.type))
+    return _OPS.dwconv(x, weight, bias, dilation, gelu)
 
 
 _cpu_fallback_said = False
@@ -402,7 +414,7 @@ def _use_triton(x: torch.Tensor) -> bool:
     """Whether the kernels take this map: 4-D, a supported (autocast) dtype, on CUDA or in the interpreter."""
     if x.dim() != 4:
         return False
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = compat.autocast_dtype(x.device.type) if compat.autocast_enabled(x.device.type) else x.dtype
     if dtype not in _SUPPORTED_DTYPES:
         return False
     if x.device.type == 'cuda':

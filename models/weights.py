@@ -1,8 +1,9 @@
 """Reading VAN weight files safely and loading them into a model.
 
 `safe_load` is the one way this repository reads .pth/.pt/.bin/.safetensors files: pickles are read
-with `torch.load(weights_only=True)` (only tensors and plain containers, plus `argparse.Namespace`
-that timm-style training scripts store as 'args'), so a file cannot run code while it is read.
+by torch.load through models/safe_pickle.py, an unpickler that builds only tensors, plain containers and
+`argparse.Namespace` (which timm-style training scripts store as 'args'), the same on every supported
+torch, so a file cannot run code while it is read.
 
 `extract_state_dict` turns every format users bring into a state dict with the reference names:
 the official release `{'state_dict': ...}`, a plain state dict, training checkpoints (this repo's,
@@ -22,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from . import compat, safe_pickle
 from .van import ALIASES, VARIANTS
 
 __all__ = ['UnsafeFileError', 'safe_load', 'extract_state_dict', 'load_pretrained', 'load_weights', 'guess_variant',
@@ -31,10 +33,12 @@ _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-# Globals a weights-only unpickler may build besides tensors and containers. torch >= 2.4 has the
-# allow-list context; older torch cannot allow-list, so such files are refused there (with the reason).
-_SAFE_GLOBALS = [argparse.Namespace]
-_safe_globals_context = getattr(torch.serialization, 'safe_globals', None)
+# The class torch's weights-only loader must additionally allow where TORCH_FORCE_WEIGHTS_ONLY_LOAD makes us use it.
+_WEIGHTS_ONLY_EXTRA_GLOBALS = [argparse.Namespace]
+# torch.load's own switch (every release from 2.1): when set, torch refuses any pickle_module.
+_FORCE_WEIGHTS_ONLY_VARIABLE = 'TORCH_FORCE_WEIGHTS_ONLY_LOAD'
+_RESAVE_HINT = ('Re-save only the tensors (e.g. torch.save({"state_dict": model.state_dict()}, PATH)) from a '
+                'trusted environment.')
 
 # Files HuggingFace puts in a model directory, in the order they are tried.
 _HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
@@ -53,14 +57,16 @@ class UnsafeFileError(RuntimeError):
 def safe_load(path: PathLike) -> Any:
     """Read a checkpoint without executing code from it.
 
-    *.safetensors files are read with safetensors; everything else with
-    `torch.load(weights_only=True, map_location='cpu')`, allowing `argparse.Namespace`.
+    *.safetensors files are read with safetensors; everything else with torch.load through the restricted
+    unpickler of models/safe_pickle.py (tensors, parameters, plain containers, argparse.Namespace), on the
+    CPU. When TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, torch accepts no unpickler of ours: torch's own
+    weights-only loader reads the file then, allowing argparse.Namespace where torch can (2.5+).
     A directory is read through the HuggingFace file it contains (model.safetensors, pytorch_model.bin).
 
     Raises:
         FileNotFoundError: the path does not exist (or a directory has no weight file).
-        UnsafeFileError: the file pickles objects other than tensors and plain containers.
-        ValueError: the file is not a readable checkpoint (truncated, another format).
+        UnsafeFileError: the file pickles objects other than tensors and plain containers (named).
+        ValueError: the file is not a readable checkpoint (truncated, another format, a plain pickle).
     """
     path = Path(path)
     if path.is_dir():
@@ -85,21 +91,57 @@ def safe_load(path: PathLike) -> Any:
     # torch.save writes a zip archive ('PK'); older torch and plain pickles start with the PROTO opcode.
     if not (magic == b'PK' or magic[:1] == b'\x80'):
         raise ValueError(f'{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)')
+    if magic == b'PK' and _is_torchscript_archive(path):
+        # torch.load would hand it to torch.jit.load and return a program, not a checkpoint.
+        raise ValueError(f'{path} is a TorchScript program (torch.jit.save), not a checkpoint; save the model\'s '
+                         f'state_dict with torch.save instead')
+    if os.environ.get(_FORCE_WEIGHTS_ONLY_VARIABLE, '0').lower() in ('1', 'y', 'yes', 'true'):
+        return _torch_weights_only_load(path)
     try:
-        if _safe_globals_context is None:
+        return torch.load(path, map_location='cpu', pickle_module=safe_pickle, weights_only=False)
+    except safe_pickle.UnsafePickleError as e:
+        raise UnsafeFileError(f'refusing to read {path}: {e.reason}. {_RESAVE_HINT}') from e
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, OSError, AttributeError, IndexError,
+            TypeError, ValueError) as e:
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from e
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """Whether a zip file is what torch.jit.save writes (a constants.pkl beside the code), not torch.save."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.count('/') == 1 and name.endswith('/constants.pkl') for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False  # torch.load names what is wrong with it
+
+
+def _torch_weights_only_load(path: Path) -> Any:
+    """safe_load's reading under TORCH_FORCE_WEIGHTS_ONLY_LOAD: torch's weights-only unpickler, with the same
+    messages as the restricted unpickler's where torch names the global it refused."""
+    allowing = compat.weights_only_allowing(_WEIGHTS_ONLY_EXTRA_GLOBALS)
+    try:
+        if allowing is None:
             return torch.load(path, map_location='cpu', weights_only=True)
-        with _safe_globals_context(_SAFE_GLOBALS):
+        with allowing:
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if 'Weights only load failed' not in str(e):
             raise ValueError(f'{path} is not a readable PyTorch checkpoint ({e})') from e
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        what = f'objects of {found.group(1)}' if found else 'Python objects other than tensors'
-        raise UnsafeFileError(
-            f'refusing to read {path}: it contains {what}, and unpickling those could run arbitrary code. '
-            f'Re-save only the tensors (e.g. torch.save({{"state_dict": model.state_dict()}}, PATH)) '
-            f'from a trusted environment.') from e
-    except (RuntimeError, KeyError, EOFError, OSError, AttributeError, IndexError) as e:
+        # torch 2.1-2.3: "Unsupported class posix.system"; later: "Unsupported global: GLOBAL posix.system ...",
+        # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+        found = re.search(r'(?:GLOBAL|[Uu]nsupported class) ([\w.]+)', str(e))
+        name = found.group(1) if found else None
+        if name in safe_pickle.allowed_globals():
+            raise UnsafeFileError(
+                f'cannot read {path} while {_FORCE_WEIGHTS_ONLY_VARIABLE} is set: it contains {name}, which '
+                f'torch {torch.__version__}\'s weights-only loader cannot allow (torch >= 2.5 can). Unset '
+                f'{_FORCE_WEIGHTS_ONLY_VARIABLE}: the file is then read with this repository\'s restricted '
+                f'unpickler, which allows it and still refuses code') from None
+        what = f'objects of {name}' if name else 'Python objects other than tensors and plain containers'
+        raise UnsafeFileError(f'refusing to read {path}: it contains {what}, and unpickling those could run '
+                              f'arbitrary code. {_RESAVE_HINT}') from None
+    except (RuntimeError, KeyError, EOFError, OSError, AttributeError, IndexError, TypeError, ValueError) as e:
         raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from e
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the VAN variants with timm)
 import timm  # noqa: E402
-from models import native_kernels  # noqa: E402
+from models import compat, native_kernels  # noqa: E402
 from utils.data import train_transform  # noqa: E402
 from utils.device import keep_freed_host_memory, resolve_device, synchronize  # noqa: E402
 from utils.errors import DeviceError, UserError  # noqa: E402
@@ -117,8 +117,9 @@ def build_rows(args, device):
 
 def benchmark_models(args, device):
     dtype = DTYPES[args.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # float32: no autocast region at all (torch 2.1's CPU autocast refuses float32 even when disabled).
+    autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    scaler = compat.grad_scaler(device.type, enabled=dtype == torch.float16)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(
         memory_format=memory_format)
@@ -213,7 +214,7 @@ def main(argv=None):
         name = f'{os.cpu_count()} CPU cores' if device.type == 'cpu' else getattr(torch, device.type).get_device_name(device)
         setting = (f'{args.model}, batch {args.batch_size}, {args.img_size}px, {args.dtype}, '
                    f'{"channels_last" if args.channels_last else "NCHW"} input, {device} ({name}), '
-                   f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+                   f'{compat.describe()}, {torch.get_num_threads()} threads')
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
         if device.type == 'cuda':
             setting += f', cudnn.benchmark {"on" if args.cudnn_benchmark else "off"}'
@@ -222,7 +223,10 @@ def main(argv=None):
             setting += ', host memory: ' + ('freed memory kept' if kept else 'glibc default')
             setting += ', native kernels: ' + (
                 'on' if native_kernels.available() else f'off ({native_kernels.unavailable_reason()})')
-        results = benchmark_models(args, device)
+        try:
+            results = benchmark_models(args, device)
+        except compat.UnsupportedError as error:
+            raise SystemExit(f'error: --dtype {args.dtype}: {error}') from None
     print(setting)
     print(f'{"mode":<6} {"impl":<16} {"images/s":>9} {"min":>8} {"max":>8} {"step ms":>9} {"speedup":>8}')
     for r in results:

@@ -35,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from models import compat  # noqa: E402
 from models.van import Block, OverlapPatchEmbed  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.inference import eval_preprocessing, load_model  # noqa: E402
@@ -124,13 +125,13 @@ def export(model: nn.Module, out_path, img_size, opset: int = 11) -> None:
     """Write `model` (eval mode) as ONNX with a dynamic batch dimension."""
     height, width = img_size
     example = torch.randn(2, 3, height, width)
-    # dynamo=False: the TorchScript exporter writes opset 11 directly (the torch.export-based one
+    # The TorchScript exporter (named explicitly where torch also has the dynamo one) writes opset 11 directly (the torch.export-based one
     # targets opset 18 and needs onnxscript); Ascend ATC and older runtimes want opset 11.
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of the dynamo one; that is the choice above.
         warnings.filterwarnings('ignore', category=DeprecationWarning, message='.*TorchScript-based ONNX export')
         torch.onnx.export(
-            model, (example,), str(out_path), dynamo=False, opset_version=opset,
+            model, (example,), str(out_path), opset_version=opset, **compat.onnx_export_kwargs(),
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}},
             do_constant_folding=True)

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from timm.utils import dispatch_clip_grad
 
+from models import compat
 from utils.device import device_kind
 from utils.errors import AmpError
 
@@ -89,9 +90,10 @@ def resolve_amp_dtype(requested: str, device_type: str) -> torch.dtype:
     """The device's AMP dtype for auto: float16 on accelerators, bfloat16 on CPU."""
     if requested not in AMP_DTYPES:
         raise AmpError(f"--amp-dtype {requested!r} is not one of {', '.join(AMP_DTYPES)}")
-    if requested == 'auto':
-        return device_kind(device_type).amp_dtype
-    return getattr(torch, requested)
+    dtype = device_kind(device_type).amp_dtype if requested == 'auto' else getattr(torch, requested)
+    if dtype == torch.float16 and device_type == 'cpu' and compat.cpu_float16_reason():
+        raise AmpError(compat.cpu_float16_reason())
+    return dtype
 
 
 class Precision:

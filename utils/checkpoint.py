@@ -19,7 +19,7 @@ Checkpoints. last.pth.tar (every epoch), model_best.pth.tar, checkpoint-<epoch>.
 the constants below and nowhere else. A file is written to a temporary name, flushed, fsynced and
 renamed over the target, so a crash leaves either the old complete file or the new one; a failed
 write (full disk) removes its temporary file and keeps the previous one (CheckpointWriteError).
-Reading is safe (weights_only) and checks every key against CHECKPOINT_FIELDS, so a damaged or
+Reading is safe (models.weights.safe_load) and checks every key against CHECKPOINT_FIELDS, so a damaged or
 foreign file is one message, not a traceback in the middle of resuming. A state holding NaN or inf
 is never written (`nonfinite_tensors`). Which checkpoint a run continues from is found here
 (`find_checkpoint`); loading it into the run is utils.resume's `restore_training`.
@@ -345,7 +345,7 @@ def remove_partial_files(run_dir: str) -> list:
 
 
 def read_file(path: str):
-    """Load a .pth/.pth.tar safely (weights_only); any failure becomes one CheckpointError message."""
+    """Load a .pth/.pth.tar with models.weights.safe_load; any failure becomes one CheckpointError message."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist')
     try:

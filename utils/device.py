@@ -20,17 +20,18 @@ from typing import Callable, FrozenSet, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from models import compat
 from utils.errors import DeviceError
 
 DEVICE_CHOICES = ('auto', 'npu', 'cuda', 'cpu')
 
 
 def _torch_grad_scaler(device_type: str, init_scale: Optional[float]):
-    return torch.amp.GradScaler(device_type, **({} if init_scale is None else dict(init_scale=init_scale)))
+    return compat.grad_scaler(device_type, **({} if init_scale is None else dict(init_scale=init_scale)))
 
 
 def _torch_npu_grad_scaler(device_type: str, init_scale: Optional[float]):
-    # torch_npu's own scaler (torch_npu/npu/amp/grad_scaler.py), not torch.amp.GradScaler('npu'): on the
+    # torch_npu's own scaler (torch_npu/npu/amp/grad_scaler.py), not torch's generic scaler for 'npu': on the
     # Atlas training series (910A, is_support_inf_nan() False) float16 overflow saturates instead of giving
     # inf/NaN, and only this scaler clears the overflow flag in scale() and all-reduces the overflow count
     # (_sync_dist_overflow_count), so every rank skips the same steps; it also unscales a fused optimizer's
@@ -206,22 +207,15 @@ def check_memory_format(device, channels_last: bool) -> None:
                           'contiguous and preserve memory formats (torch_npu docs). Leave --channels-last out.')
 
 
-# From this torch on, DataLoader pins for the current accelerator and ignores pin_memory_device with a
-# deprecation warning (pytorch/pytorch#131858, #158323); before it, only an explicit pin_memory_device
-# pins for a device other than CUDA.
-_DATALOADER_PINS_FOR_ACCELERATOR = (2, 9)
-
-
-def _dataloader_pins_for_current_accelerator() -> bool:
-    return torch.torch_version.TorchVersion(torch.__version__) >= _DATALOADER_PINS_FOR_ACCELERATOR
-
-
 def pin_memory_settings(device, requested: bool) -> Tuple[bool, str]:
     """(pin_memory, pin_memory_device) for the DataLoaders: --pin-mem, or always where the device wants
     pinned batches (NPU); the device name only where the installed torch needs it."""
     kind = device_kind(device)
     pin = requested or kind.pin_memory
-    named = pin and kind.pin_memory_device and not _dataloader_pins_for_current_accelerator()
+    # From torch 2.9 DataLoader pins for the current accelerator and ignores pin_memory_device with a
+    # deprecation warning (pytorch/pytorch#131858, #158323); before it, only an explicit pin_memory_device
+    # pins for a device other than CUDA.
+    named = pin and kind.pin_memory_device and not compat.dataloader_pins_for_current_accelerator()
     return pin, kind.pin_memory_device if named else ''
 
 
@@ -347,6 +341,7 @@ PEER_LOSS_SIGNS = (
     'Connection closed by peer', 'Connection reset by peer', 'Broken pipe',  # gloo / TCPStore: a peer died
     'Application timeout caused pair closure',  # gloo (e.g. DDP's buffer sync): a peer hangs
     'Timed out', 'timed out',  # gloo and the store waiting for a peer
+    'Socket Timeout',  # the store waiting for a peer, torch < 2.2 (a plain RuntimeError there)
     'Watchdog caught collective operation timeout',  # NCCL and HCCL (ProcessGroupHCCL.cpp) watchdogs
     'communicator was aborted', 'ncclRemoteError',  # NCCL: a peer failed or the network broke
     'SUSPECT REMOTE ERROR',  # HCCL device error blaming the remote side (ProcessGroupHCCL.cpp get_device_error)
@@ -357,8 +352,7 @@ def is_peer_failure(error: BaseException) -> bool:
     """True for the errors a collective raises when another process died, hung or lost its network."""
     # The store and network errors are about other processes; DistBackendError is any backend failure,
     # so like plain RuntimeErrors it counts only when its text says a peer was lost.
-    if isinstance(error, tuple(getattr(dist, name) for name in ('DistNetworkError', 'DistStoreError')
-                               if hasattr(dist, name))):
+    if isinstance(error, compat.dist_peer_error_classes()):
         return True
     text = str(error)
     return dist.is_available() and dist.is_initialized() and any(sign in text for sign in PEER_LOSS_SIGNS)
@@ -373,5 +367,6 @@ def peer_failure_message(error: BaseException) -> str:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group (last thing a distributed run does, after its checkpoints are written)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        compat.destroy_process_group()  # not torch's directly: before torch 2.8 that can deadlock

@@ -86,11 +86,14 @@ def create_scheduler(optimizer: torch.optim.Optimizer, epochs: int = 300, cooldo
     warmup overlaps its start, no warmup prefix), linear warmup from `warmup_lr`, then `cooldown_epochs`
     at `min_lr`. The learning rate changes once per epoch unless `step_per_update`.
     """
-    return create_scheduler_v2(
+    scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched=sched, num_epochs=epochs, decay_epochs=decay_epochs, decay_rate=decay_rate,
         cooldown_epochs=cooldown_epochs, min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
         warmup_prefix=False, step_on_epochs=not step_per_update,
         updates_per_epoch=updates_per_epoch if step_per_update else 0)
+    if scheduler is None:  # timm up to 1.0.30 returns no schedule for a name it does not know (1.0.31 raises)
+        raise ValueError(f'Unknown scheduler {sched!r}')
+    return scheduler, total_epochs
 
 
 def check_schedule(sched: str = 'cosine', epochs: int = 300, cooldown_epochs: int = 10, warmup_epochs: int = 5,

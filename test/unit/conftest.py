@@ -91,6 +91,16 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope='session')
+def reference_fixtures() -> Path:
+    """shared/fixtures (outputs of the reference implementation): beside the repository (<x>/main and
+    <x>/shared), or beside the folder of a git worktree (<x>/wt/<name>). Skips when absent."""
+    for parent in list(REPO_ROOT.parents)[:2]:
+        if (parent / 'shared' / 'fixtures').is_dir():
+            return parent / 'shared' / 'fixtures'
+    pytest.skip('reference fixtures not found: expected shared/fixtures beside the repository')
+
+
+@pytest.fixture(scope='session')
 def python_exe() -> str:
     return sys.executable
 

@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from models import compat
 from utils import device as device_module
 
 HCCL_ALL_REDUCE_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
@@ -60,12 +61,14 @@ class NpuFusedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-class NpuGradScaler(torch.amp.GradScaler):
-    """torch_npu.npu.amp.GradScaler's interface and state on CPU tensors."""
+class NpuGradScaler(compat.grad_scaler_classes()[0]):
+    """torch_npu.npu.amp.GradScaler's interface and state on CPU tensors (torch's CPU scaler: torch >= 2.3;
+    before it, torch.cuda.amp's, which disables itself without CUDA: tests that scale skip there)."""
 
     def __init__(self, init_scale=2. ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
                  dynamic=True, enabled=True):
-        super().__init__('cpu', init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
+        device = () if compat.cpu_float16_reason() else ('cpu',)
+        super().__init__(*device, init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
                          growth_interval=growth_interval, enabled=enabled)
         self._dynamic = dynamic
 
@@ -139,7 +142,7 @@ def hccl(monkeypatch):
         yield HCCL_PEERS
     finally:
         if dist.is_initialized():  # main.main destroys it itself at exit
-            dist.destroy_process_group()
+            compat.destroy_process_group()  # torch's own can deadlock after a collective before torch 2.8
 
 
 def _contiguous_formats_only(real_to):

@@ -5,13 +5,17 @@ import types
 
 import pytest
 import torch
+from torch.torch_version import TorchVersion
 
+from models import compat
 from utils import amp as amp_module
 from utils.amp import create_precision, resolve_amp_backend
 from utils.errors import AmpError
 from utils.device import DistEnv
 from utils.engine import TrainSettings, TrainingParts, train_one_epoch
 
+
+needs_cpu_grad_scaler = pytest.mark.skipif(bool(compat.cpu_float16_reason()), reason=compat.cpu_float16_reason())
 
 # torch.device('npu') only exists once torch_npu is imported; create_precision only reads .type.
 NPU = types.SimpleNamespace(type='npu')
@@ -59,6 +63,7 @@ def test_bfloat16_training_loop_updates_weights_and_logs(caplog):
     assert 'Epoch 0 FPS:' in caplog.text
 
 
+@needs_cpu_grad_scaler
 def test_float16_native_uses_a_grad_scaler_saved_as_amp_scaler():
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -74,6 +79,7 @@ def test_float16_native_uses_a_grad_scaler_saved_as_amp_scaler():
     assert precision.state_dict()['scale'] == 1024.0, 'a fixed --loss-scale must not back off'
 
 
+@needs_cpu_grad_scaler
 def test_dynamic_loss_scale_backs_off_on_overflow():
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -83,6 +89,17 @@ def test_dynamic_loss_scale_backs_off_on_overflow():
         overflowing = model(torch.randn(2, 3, 8, 8)).float().sum() * float('inf')
     precision.backward_step(overflowing, optimizer)
     assert precision.state_dict()['scale'] < start
+
+
+def test_cpu_float16_before_torch_2_3_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(compat, 'TORCH', TorchVersion('2.1.2'))
+    model = tiny_model()
+    with pytest.raises(AmpError, match='needs torch >= 2.3.*--amp-dtype bfloat16'):
+        create_precision(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device('cpu'), enabled=True,
+                         amp_dtype='float16')
+    # bfloat16, the CPU default, needs no scaler and runs there.
+    assert create_precision(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device('cpu'),
+                            enabled=True)[2].dtype == torch.bfloat16
 
 
 def test_without_amp_the_same_object_runs_fp32():

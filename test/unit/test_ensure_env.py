@@ -243,10 +243,12 @@ def test_new_venv_prefers_the_tested_python_and_skips_old_ones(tmp_path):
 
 
 def test_no_python_new_enough_is_a_clear_error(tmp_path):
+    major, minor = ensure_env.MIN_PYTHON
     environ = fake_which(tmp_path, ["python3"])
     with pytest.raises(ensure_env.EnvError) as err:
-        ensure_env.choose_venv_python(environ, lambda p: (3, 8, 10))
-    assert "no Python 3.10 or newer" in str(err.value) and "python3 is Python 3.8.10" in str(err.value)
+        ensure_env.choose_venv_python(environ, lambda p: (major, minor - 1, 10))
+    assert f"no Python {major}.{minor} or newer" in str(err.value)
+    assert f"python3 is Python {major}.{minor - 1}.10" in str(err.value)
 
 
 @pytest.mark.parametrize("output, named", [

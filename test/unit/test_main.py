@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ import yaml
 
 import main
 import models
+from processes import run_watched
 from utils import options
 from models.weights import safe_load
 
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def run_main(args, env, cwd, launcher=(), timeout=600):
     command = [*(launcher or [sys.executable]), 'main.py', *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_watched(command, deadline_s=timeout, cwd=cwd, env=env)  # kills torchrun's workers too on a hang
 
 
 def assert_ok(result):
@@ -211,7 +211,7 @@ def test_torchrun_two_processes_count_every_val_image_once(shapes_dataset, tmp_p
     for nproc, out in ((1, single), (2, double)):
         launch = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
                   '--master_port', str(free_port()), worker, str(shapes_dataset), str(out)]
-        done = subprocess.run(launch, env=subprocess_env, capture_output=True, text=True, timeout=300)
+        done = run_watched(launch, deadline_s=300, env=subprocess_env)
         assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((double / f'rank{r}.json').read_text()) for r in (0, 1)]
     reference = json.loads((single / 'rank0.json').read_text())

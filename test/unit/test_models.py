@@ -1,5 +1,4 @@
 """VAN architecture: faithful to the reference (fixture outputs, parameter counts) and timm's model API."""
-from pathlib import Path
 
 import pytest
 import timm
@@ -17,17 +16,9 @@ REFERENCE_PARAMS = {
 ALIASES = {'van_tiny': 'van_b0', 'van_small': 'van_b1', 'van_base': 'van_b2', 'van_large': 'van_b3'}
 
 
-def _fixtures_dir() -> Path:
-    # The repository sits beside shared/ (<x>/main and <x>/shared); a git worktree sits one level deeper.
-    for parent in Path(__file__).resolve().parents[3:5]:
-        if (parent / 'shared' / 'fixtures').is_dir():
-            return parent / 'shared' / 'fixtures'
-    pytest.skip('reference fixtures not found: expected shared/fixtures beside the repository')
-
-
 @pytest.fixture(scope='module')
-def reference():
-    fixtures = _fixtures_dir()
+def reference(reference_fixtures):
+    fixtures = reference_fixtures
     checkpoint, io = fixtures / 'van_b0_ref_10cls.pth.tar', fixtures / 'van_b0_ref_io.pt'
     if not (checkpoint.is_file() and io.is_file()):
         pytest.skip(f'reference fixture files missing in {fixtures}')

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import main
+from models import compat
 from npu_fakes import ApexNpuFusedAdamW, HCCL_PEERS, NpuFusedAdamW, NpuGradScaler
 from utils import device as device_module
 from utils.amp import amp_backend_for, create_precision
@@ -72,6 +73,10 @@ def test_stand_ins_enforce_the_documented_rules(npu, fake_apex):
     with pytest.raises(KeyError, match='dynamic'):
         NpuGradScaler().load_state_dict({'scale': 8.0, 'growth_factor': 2.0, 'backoff_factor': 0.5,
                                          'growth_interval': 2000, '_growth_tracker': 0})
+
+
+# torch_npu's scaler stands in on torch's CPU GradScaler, which torch < 2.3 lacks.
+needs_cpu_grad_scaler = pytest.mark.skipif(bool(compat.cpu_float16_reason()), reason=compat.cpu_float16_reason())
 
 
 # --- 1. the zero_grad call each optimizer supports ------------------------------------------------
@@ -162,6 +167,7 @@ def test_native_float16_amp_on_npu_uses_torch_npus_scaler(fake_torch_npu):
     assert precision.state_dict()['dynamic'] is True
 
 
+@needs_cpu_grad_scaler
 def test_fixed_loss_scale_on_npu_skips_overflowing_steps_and_keeps_the_scale(fake_torch_npu):
     # torch_npu's scaler with dynamic=False would step on overflow: the fixed scale must stay dynamic.
     model = tiny_model()
@@ -198,6 +204,7 @@ def _npu_training(loss_scale='dynamic'):
     return model, optimizer, precision, scheduler, epochs
 
 
+@needs_cpu_grad_scaler
 def test_fit_on_npu_saves_and_restores_torch_npus_scaler_state(npu, tmp_path):
     model, optimizer, precision, scheduler, epochs = _npu_training()
     assert type(optimizer) is NpuFusedAdamW and isinstance(precision._scaler, NpuGradScaler)
@@ -219,11 +226,12 @@ def test_fit_on_npu_saves_and_restores_torch_npus_scaler_state(npu, tmp_path):
     assert resumed_precision.state_dict() == precision.state_dict()
 
 
+@needs_cpu_grad_scaler
 def test_a_scaler_state_without_dynamic_still_resumes_on_npu(fake_torch_npu):
     # Written by torch.amp.GradScaler('npu') (before this fix) or on a GPU.
     model = tiny_model()
     _, _, precision = create_precision(model, torch.optim.SGD(model.parameters(), lr=0.1), NPU, enabled=True)
-    old = torch.amp.GradScaler('cpu', init_scale=512.0).state_dict()
+    old = compat.grad_scaler('cpu', init_scale=512.0).state_dict()
     precision.load_state_dict(old)
     assert precision.state_dict()['scale'] == 512.0 and precision.state_dict()['dynamic'] is True
 
@@ -232,11 +240,11 @@ def test_a_scaler_state_without_dynamic_still_resumes_on_npu(fake_torch_npu):
 
 def test_npu_pins_batches_and_names_the_device_where_torch_needs_it(npu, monkeypatch):
     assert pin_memory_settings(NPU, False)[0] is True
-    monkeypatch.setattr(device_module, '_dataloader_pins_for_current_accelerator', lambda: False)
+    monkeypatch.setattr(compat, 'dataloader_pins_for_current_accelerator', lambda: False)
     assert pin_memory_settings(NPU, False) == (True, 'npu')
     _, val_loader = build_loaders(None, Points(), 4, 8, 0, 0, 1, 0, True, 'npu')
     assert val_loader.pin_memory and val_loader.pin_memory_device == 'npu'
-    monkeypatch.setattr(device_module, '_dataloader_pins_for_current_accelerator', lambda: True)
+    monkeypatch.setattr(compat, 'dataloader_pins_for_current_accelerator', lambda: True)
     assert pin_memory_settings(NPU, False) == (True, '')  # newer torch pins for the current accelerator
 
 

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from models import compat
+from processes import Watched, run_watched
 from utils.data import check_dataset_layout
 from utils.errors import BadImageError, DatasetError, NonFiniteLossError, OutputDirError
 from utils.images import RobustImageFolder, SkipCounter, collate_samples, load_rgb
@@ -513,14 +515,11 @@ def test_sigterm_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run
     assert full.returncode == 0, full.stderr
 
     command = [sys.executable, str(REPO / 'main.py'), *_main_args(shapes_dataset, tmp_path, 'cut', *common)]
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if line.startswith('Train: 0 [   2/'):  # inside epoch 0, after its second step
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.stdout.read()
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM, output
+    with Watched(command, deadline_s=300, cwd=REPO, env=subprocess_env) as process:
+        process.read_until('Train: 0 [   2/')  # inside epoch 0, after its second step
+        process.send_signal(signal.SIGTERM)
+        status, output = process.finish(), process.output
+    assert status == 128 + signal.SIGTERM, output
     assert 'stopped by SIGTERM in epoch 0' in output and '--resume auto' in output
     recovery = torch.load(tmp_path / 'cut' / 'recovery.pth.tar', weights_only=True)['recovery']
     assert recovery['epoch'] == 0 and 2 <= recovery['steps_done'] < 4  # mid-epoch, not at a boundary
@@ -538,21 +537,10 @@ def test_sigterm_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run
 def _stop_group_at(command, marker, signum, env):
     """Run `command` in its own process group and signal the whole group (as a scheduler, torchrun or
     Ctrl-C does) once a line starting with `marker` appears; returns (exit status, output)."""
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    lines = []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith(marker):
-                os.killpg(process.pid, signum)
-                break
-        lines += process.stdout.readlines()
-        return process.wait(timeout=300), ''.join(lines)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    with Watched(command, deadline_s=300, cwd=REPO, env=env) as process:
+        process.read_until(marker)
+        process.signal_group(signum)
+        return process.finish(), process.output
 
 
 @pytest.mark.slow
@@ -664,31 +652,41 @@ def test_when_one_of_two_processes_dies_the_other_exits_with_a_message(shapes_da
     port = _free_port()
     args = _main_args(shapes_dataset, tmp_path, 'run', '--epochs', '50', '--mixup', '0', '--cutmix', '0',
                       '--dist-timeout', '30')
-    processes = []
-    for rank in range(2):
-        env = dict(subprocess_env, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE='2')
-        processes.append(subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args], cwd=REPO, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    survivor, victim = processes
-    try:
-        for line in survivor.stdout:
-            if line.startswith('Train: 0 [   1/'):  # both processes are training
-                break
+    survivor, victim = (Watched([sys.executable, str(REPO / 'main.py'), *args], deadline_s=300, cwd=REPO,
+                                env=dict(subprocess_env, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
+                                         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2'))
+                        for rank in range(2))
+    with survivor, victim:
+        survivor.read_until('Train: 0 [   1/')  # both processes are training
         victim.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        output = survivor.stdout.read()
-        status = survivor.wait(timeout=120)
+        status, output = survivor.finish(), survivor.output
         waited = time.monotonic() - killed_at
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
     assert status == 1, output
     assert 'lost contact with the others' in output and '--resume auto' in output
     assert waited < 60  # bounded by --dist-timeout, not a hang
     assert 'Traceback' not in output
+
+
+_HANGING_LAUNCHER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)
+print('worker', worker.pid, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not Path('/proc/self/task').exists(), reason='finds the processes below a child through /proc')
+def test_a_hanging_child_fails_its_test_in_time_and_leaves_no_process_behind():
+    # What the torchrun tests rely on: a launcher whose worker hangs (in a session of its own, as torchrun's
+    # are) fails the test at the deadline, naming what was awaited, and neither process survives.
+    with Watched([sys.executable, '-c', _HANGING_LAUNCHER], deadline_s=3) as launcher:
+        worker = int(launcher.read_until('worker ').split()[1])
+        with pytest.raises(AssertionError, match=r"(?s)A line starting with 'Train: ' did not come within 3 s.*"
+                                                 r"it hangs, so it and every process below it were killed.*worker "):
+            launcher.read_until('Train: ')
+    assert launcher.process.returncode == -signal.SIGKILL
+    assert not Path(f'/proc/{worker}').exists() or 'Z' in Path(f'/proc/{worker}/stat').read_text().split()[2]
 
 
 def _worker_with_rank(launcher_pid: int, rank: int) -> int:
@@ -711,23 +709,12 @@ def test_torchrun_restart_after_a_killed_worker_resumes_from_the_last_recovery_p
                       '--device', 'cpu', '--recovery-interval', '2', '--resume', 'auto', '--dist-timeout', '30')
     env = dict(subprocess_env)
     env.pop('TORCH_DISABLE_SHARE_RDZV_TCP_STORE', None)  # torchrun's default: one store for every attempt
-    launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                                 '--max-restarts', '1', str(REPO / 'main.py'), *args], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in launcher.stdout:
-            lines.append(line)
-            if line.startswith('recovery checkpoint: epoch 0 step 2 '):
-                os.kill(_worker_with_rank(launcher.pid, 1), signal.SIGKILL)  # 4 steps before the epoch ends
-                break
-        lines += launcher.stdout.readlines()
-        status = launcher.wait(timeout=300)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-    output = ''.join(lines)
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                '--max-restarts', '1', str(REPO / 'main.py'), *args]
+    with Watched(torchrun, deadline_s=300, cwd=REPO, env=env) as launcher:
+        launcher.read_until('recovery checkpoint: epoch 0 step 2 ')
+        os.kill(_worker_with_rank(launcher.pid, 1), signal.SIGKILL)  # 4 steps before the epoch ends
+        status, output = launcher.finish(), launcher.output
     assert status == 0, output
     first, restarted = output.split('device cpu, world size 2', 2)[1:]  # rank 0's first line of each attempt
     saved = re.findall(r'recovery checkpoint: epoch 0 step (\d+) ', first)
@@ -754,8 +741,7 @@ def test_torchrun_stopped_by_a_group_signal_saves_and_says_so_in_one_line(shapes
     assert 'stopped by SIGTERM after epoch 0' in output and 'torchrun: stopped by SIGTERM' in output
     assert 'Traceback' not in output and 'killed by signal' not in output
     assert read_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 0
-    resumed = subprocess.run(torchrun + args + ['--resume', 'auto'], cwd=REPO, env=subprocess_env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = run_watched(torchrun + args + ['--resume', 'auto'], deadline_s=300, cwd=REPO, env=subprocess_env)
     assert resumed.returncode == 0 and 'resumed from' in resumed.stdout, resumed.stdout + resumed.stderr
     assert read_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['epoch'] == 1
 
@@ -764,7 +750,7 @@ def test_torchrun_stopped_by_a_group_signal_saves_and_says_so_in_one_line(shapes
 def test_torchrun_for_the_launch_scripts_passes_a_user_error_on_without_a_traceback(tmp_path, subprocess_env):
     command = [sys.executable, str(REPO / 'tools' / 'torchrun.py'), '--standalone', '--nproc_per_node', '2',
                str(REPO / 'main.py'), '--data_path', str(tmp_path / 'nowhere'), '--device', 'cpu']
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    result = run_watched(command, deadline_s=300, cwd=REPO, env=subprocess_env)
     assert result.returncode == 2, result.stderr
     assert 'does not exist' in result.stderr and 'main.py FAILED' in result.stderr
     assert 'Traceback' not in result.stderr
@@ -904,17 +890,13 @@ def test_run_dir_lock_names_its_holder_and_is_taken_over_when_the_holder_dies(tm
     import socket
     from utils.errors import RunDirBusyError
     from utils.checkpoint import RunDirLock
-    holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == 'locked'
+    with Watched([sys.executable, '-c', _HOLD_LOCK, tmp_path], deadline_s=60, cwd=REPO) as holder:
+        holder.read_until('locked')
         with pytest.raises(RunDirBusyError) as busy:
             RunDirLock(tmp_path).acquire()
         assert f'pid {holder.pid} on host {socket.gethostname()}' in str(busy.value)
         assert 'started ' in str(busy.value) and '--experiment' in str(busy.value)
-    finally:
-        holder.kill()  # no chance to release: the kernel drops the lock, the file still names the holder
-        holder.wait()
+    # leaving the block killed the holder: no chance to release, the kernel drops the lock, the file still names it
     with RunDirLock(tmp_path) as lock:
         assert f'pid {holder.pid} on host' in lock.describe_takeover() and 'is gone' in lock.describe_takeover()
     with RunDirLock(tmp_path) as lock:  # released normally: nothing to report
@@ -926,12 +908,10 @@ def test_a_second_run_in_the_same_run_dir_stops_and_leaves_the_first_alone(shape
                                                                            subprocess_env, capsys):
     import main
     args = _main_args(shapes_dataset, tmp_path, 'shared', '--mixup', '0', '--cutmix', '0')
-    first = subprocess.Popen([sys.executable, str(REPO / 'main.py'), *args, '--epochs', '50'], cwd=REPO, env=subprocess_env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in first.stdout:
-            if line.startswith('Train: 0 [   1/'):
-                break
+    first = Watched([sys.executable, str(REPO / 'main.py'), *args, '--epochs', '50'], deadline_s=300, cwd=REPO,
+                    env=subprocess_env)
+    with first:
+        first.read_until('Train: 0 [   1/')
         in_flight = tmp_path / 'shared' / f'last.pth.tar.tmp{first.pid}'  # as if the first run were saving
         in_flight.write_bytes(b'half written')
         for resume in ([], ['--resume', 'auto']):
@@ -940,15 +920,14 @@ def test_a_second_run_in_the_same_run_dir_stops_and_leaves_the_first_alone(shape
             assert status == 2, error
             assert f'is in use by another run (pid {first.pid} on host' in error
             assert in_flight.exists()  # the first run's file is not touched
-        assert first.poll() is None
-    finally:
+        assert first.process.poll() is None
         first.send_signal(signal.SIGTERM)
-        output = first.stdout.read()
-        first.wait(timeout=120)
-    assert 'Traceback' not in output
+        first.finish()
+    assert 'Traceback' not in first.output
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(bool(compat.cpu_float16_reason()), reason=compat.cpu_float16_reason())
 def test_float16_run_whose_statistics_overflow_saves_nothing_non_finite(shapes_dataset, tmp_path, subprocess_env):
     # An absurd learning rate under the float16 scaler: the scaler skips the overflowing steps, but their
     # forward passes turn the BatchNorm statistics into NaN while the loss guard still waits.

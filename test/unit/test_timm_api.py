@@ -6,7 +6,7 @@ import warnings
 import pytest
 import timm
 import torch
-from timm.layers import get_graph_node_names
+from timm.models import get_graph_node_names  # timm.layers has it only from 1.0.17
 from timm.models import is_notrace_module
 import torch.nn.functional as F
 from torch import nn
@@ -17,10 +17,21 @@ from models import routed_conv, triton_lka
 from models.weights import load_weights
 
 LKA_IMPLS = [name for name in models.lka_impls() if name != 'auto']
-# For tests that run the model: under Triton's CPU interpreter (test/unit/conftest.py) the 'triton' model's
-# convs run at Python speed, 5-50 s a test, so there they run with the slow tests.
-IMPLS = [pytest.param(name, marks=pytest.mark.slow) if name == 'triton' and triton_lka.interpreting() else name
-         for name in LKA_IMPLS]
+
+
+def _impl_param(name, runs_the_model=True):
+    """'triton' skips where its kernels cannot run (no triton, torch < 2.4); where they run in Triton's CPU
+    interpreter (test/unit/conftest.py), tests that run the model are slow (5-50 s) and go with the slow tests."""
+    marks = []
+    if name == 'triton' and not triton_lka.available():
+        marks.append(pytest.mark.skip(reason=f"lka_impl 'triton': {triton_lka.unavailable_reason()}"))
+    elif name == 'triton' and runs_the_model and triton_lka.interpreting():
+        marks.append(pytest.mark.slow)
+    return pytest.param(name, marks=marks)
+
+
+IMPLS = [_impl_param(name) for name in LKA_IMPLS]
+ROUTED_IMPLS = [_impl_param(name, runs_the_model=False) for name in LKA_IMPLS if name != 'plain']
 STAGE_CHANNELS = [32, 64, 160, 256]  # van_b0
 
 
@@ -223,7 +234,7 @@ def test_torchscript_outputs_equal_eager(lka_impl, scriptable):
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize('lka_impl', [name for name in LKA_IMPLS if name != 'plain'])
+@pytest.mark.parametrize('lka_impl', ROUTED_IMPLS)
 def test_scripting_says_once_that_the_model_runs_plain_convolutions(lka_impl, monkeypatch):
     monkeypatch.setattr(routed_conv, '_told_about_scripting', set())
     model = _model(lka_impl).eval()
@@ -257,7 +268,7 @@ def test_fx_traced_model_equals_eager_forward_and_backward(lka_impl):
     x = _input()
     expected = _outputs_and_gradients(model, model, x)
     for traced in (torch.fx.symbolic_trace(model),
-                   timm.layers.create_feature_extractor(model, return_nodes=['head'])):
+                   timm.models.create_feature_extractor(model, return_nodes=['head'])):
         got = _outputs_and_gradients(traced, model, x)
         torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
         for name, grad in expected[1].items():
@@ -300,7 +311,7 @@ class _OneConv(nn.Module):
         return self.conv.forward_gelu(x) if self.gelu else self.conv(x)
 
 
-@pytest.mark.parametrize('lka_impl', [name for name in LKA_IMPLS if name != 'plain'])
+@pytest.mark.parametrize('lka_impl', ROUTED_IMPLS)
 @pytest.mark.parametrize('gelu', [False, True], ids=['conv', 'conv_gelu'])
 def test_a_routed_conv_traces_to_one_call_and_scripts_to_conv2d(lka_impl, gelu, monkeypatch):
     """One conv of each implementation, small enough for Triton's interpreter: walked into by
@@ -324,7 +335,7 @@ def test_a_routed_conv_traces_to_one_call_and_scripts_to_conv2d(lka_impl, gelu, 
         torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('lka_impl', [name for name in LKA_IMPLS if name != 'plain'])
+@pytest.mark.parametrize('lka_impl', ROUTED_IMPLS)
 def test_lka_convolutions_are_leaf_modules_to_timms_tracer(lka_impl):
     assert is_notrace_module(models.van._LKA_IMPLS[lka_impl])
     _, eval_nodes = get_graph_node_names(_model(lka_impl))

@@ -154,11 +154,10 @@ def test_export_official_file_with_fold_bn(checkpoints, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_export_of_the_reference_fixture_reproduces_reference_logits(tmp_path):
-    fixtures = Path(__file__).resolve().parents[3] / 'shared' / 'fixtures'
-    checkpoint, io_file = fixtures / 'van_b0_ref_10cls.pth.tar', fixtures / 'van_b0_ref_io.pt'
+def test_export_of_the_reference_fixture_reproduces_reference_logits(tmp_path, reference_fixtures):
+    checkpoint, io_file = reference_fixtures / 'van_b0_ref_10cls.pth.tar', reference_fixtures / 'van_b0_ref_io.pt'
     if not (checkpoint.is_file() and io_file.is_file()):
-        pytest.skip(f'reference fixtures not found in {fixtures} (the repo is expected beside shared/)')
+        pytest.skip(f'van_b0_ref_10cls.pth.tar or van_b0_ref_io.pt missing from {reference_fixtures}')
     import onnxruntime
     out = tmp_path / 'reference.onnx'
     assert export_onnx.main([str(checkpoint), '--fold-bn', '--out', str(out)]) == 0

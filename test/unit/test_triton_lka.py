@@ -124,11 +124,11 @@ def test_custom_ops_pass_opcheck(device, op_name):
     x, weight, bias, grad = _inputs(device, kernel=7)
     x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
     op, args = {
-        'dwconv': (triton_lka._dwconv, (x, weight, bias, 3, False)),
-        'dwconv_gelu': (triton_lka._dwconv, (x, weight, None, 1, True)),
-        'dwconv_input_grad': (triton_lka._dwconv_input_grad, (grad, weight.detach(), 3)),
-        'dwconv_gelu_grad': (triton_lka._dwconv_gelu_grad, (grad, x.detach(), weight.detach(), bias.detach(), 1)),
-        'dwconv_weight_grad': (triton_lka._dwconv_weight_grad, (grad, x.detach(), 7, 3)),
+        'dwconv': (triton_lka._OPS.dwconv, (x, weight, bias, 3, False)),
+        'dwconv_gelu': (triton_lka._OPS.dwconv, (x, weight, None, 1, True)),
+        'dwconv_input_grad': (triton_lka._OPS.dwconv_input_grad, (grad, weight.detach(), 3)),
+        'dwconv_gelu_grad': (triton_lka._OPS.dwconv_gelu_grad, (grad, x.detach(), weight.detach(), bias.detach(), 1)),
+        'dwconv_weight_grad': (triton_lka._OPS.dwconv_weight_grad, (grad, x.detach(), 7, 3)),
     }[op_name]
     torch.library.opcheck(op, args)
 
