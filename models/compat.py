@@ -171,7 +171,10 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
         return
     group = dist.group.WORLD
-    backends = [group._get_backend(torch.device(device)) for device in group._device_types]
+    try:
+        backends = [group._get_backend(torch.device(device)) for device in group._device_types]
+    except (RuntimeError, AttributeError, ValueError):  # a backend this torch cannot name (third-party): as torch does
+        backends = []
     del group
     dist.destroy_process_group()
     gc.collect()  # a DDP module or a traceback in a reference cycle may still hold the group: free it now
