@@ -128,6 +128,17 @@ def cpu_float16_reason() -> str:
 
 
 # --- checkpoint loading -------------------------------------------------------------------------
+# The functions torch.save names to rebuild dense tensors and parameters (_v3 and meta tensors came after 2.1).
+_TENSOR_REBUILDS = ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3', '_rebuild_parameter',
+                    '_rebuild_parameter_with_state', '_rebuild_meta_tensor_no_storage')
+
+
+def tensor_rebuild_functions() -> dict:
+    """'torch._utils.<name>' -> function, for those of the rebuild functions this torch has."""
+    return {f'torch._utils.{name}': getattr(torch._utils, name)
+            for name in _TENSOR_REBUILDS if hasattr(torch._utils, name)}
+
+
 def weights_only_allowing(extra_globals: list):
     """A context in which torch.load(weights_only=True) also builds `extra_globals` (classes), or None where
     torch has no such context (before 2.5; add_safe_globals of 2.4 would change the whole process)."""
@@ -160,7 +171,10 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
         return
     group = dist.group.WORLD
-    backends = [group._get_backend(torch.device(device)) for device in group._device_types]
+    try:
+        backends = [group._get_backend(torch.device(device)) for device in group._device_types]
+    except (RuntimeError, AttributeError, ValueError):  # a backend this torch cannot name (third-party): as torch does
+        backends = []
     del group
     dist.destroy_process_group()
     gc.collect()  # a DDP module or a traceback in a reference cycle may still hold the group: free it now

@@ -30,13 +30,11 @@ from typing import Dict
 
 import torch
 
+from . import compat
+
 __all__ = ['Unpickler', 'load', 'loads', 'UnpicklingError', 'UnsafePickleError', 'allowed_globals']
 
 UnpicklingError = pickle.UnpicklingError
-
-# Rebuild functions torch.save writes for dense tensors and parameters; those a torch release lacks are skipped.
-_TORCH_REBUILDS = ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3', '_rebuild_parameter',
-                   '_rebuild_parameter_with_state', '_rebuild_meta_tensor_no_storage')
 
 # The only types whose instances a pickle may set state on (BUILD): an OrderedDict's _metadata (state dicts),
 # a Namespace's attributes, a tensor's or parameter's flags.
@@ -72,9 +70,7 @@ def allowed_globals() -> Dict[str, object]:
         'builtins.complex': complex,
         'builtins.slice': slice,
     }
-    for name in _TORCH_REBUILDS:
-        if hasattr(torch._utils, name):
-            allowed[f'torch._utils.{name}'] = getattr(torch._utils, name)
+    allowed.update(compat.tensor_rebuild_functions())
     for value in vars(torch).values():  # dtypes, layouts and memory formats pickle as torch.<name>
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             allowed[f'torch.{str(value).split(".")[-1]}'] = value

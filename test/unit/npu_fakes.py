@@ -160,7 +160,18 @@ def npu(monkeypatch, fake_torch_npu, hccl):
     the NPU's, torch_npu and HCCL are the stand-ins above, and Tensor.to refuses channels_last."""
     monkeypatch.setitem(device_module.DEVICE_KINDS, 'cpu', device_module.DEVICE_KINDS['npu'])
     monkeypatch.setattr(torch.Tensor, 'to', _contiguous_formats_only(torch.Tensor.to))
+    monkeypatch.setattr(torch.Tensor, 'pin_memory', _npu_pinning(torch.Tensor.pin_memory))
     return fake_torch_npu
+
+
+def _npu_pinning(real_pin_memory):
+    """torch_npu registers 'npu' as a device name, so DataLoader's pin_memory_device='npu' (torch < 2.9 passes it
+    to Tensor.pin_memory) pins host memory for the NPU; without an NPU the stand-in leaves the CPU tensor as is."""
+    def pin_memory(self, device=None):
+        if device is not None and str(device).split(':')[0] == 'npu':
+            return self
+        return real_pin_memory(self) if device is None else real_pin_memory(self, device)
+    return pin_memory
 
 
 class ApexNpuFusedAdamW(torch.optim.AdamW):
