@@ -32,19 +32,31 @@ def process_tree(pid: int) -> List[int]:
     return found
 
 
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL `process`, every process below it and its process group; then reap it."""
-    if process.poll() is None:
-        for pid in process_tree(process.pid):  # found before any dies: orphans would leave the tree
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def has_exited(pid: int) -> bool:
+    """Whether `pid` has exited (gone, or a zombie waiting for its parent)."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] in ('Z', 'X')
+    except (OSError, IndexError):
+        return True
+
+
+def kill_tree(process: subprocess.Popen, settle_s: float = 10.0) -> None:
+    """SIGKILL `process`, every process below it and its process group; reap it, and wait (up to `settle_s`)
+    until the others have exited too: SIGKILL is delivered at once but a busy machine runs the exit later."""
+    tree = process_tree(process.pid) if process.poll() is None else []  # found before any dies: orphans leave it
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     try:
         os.killpg(process.pid, signal.SIGKILL)  # a child started in its session; the group may outlive it
     except (ProcessLookupError, PermissionError):
         pass
     process.wait()
+    settled = time.monotonic() + settle_s
+    while time.monotonic() < settled and not all(has_exited(pid) for pid in tree[1:]):
+        time.sleep(0.01)
 
 
 def _name(command) -> str:
